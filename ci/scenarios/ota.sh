@@ -96,3 +96,270 @@ ota_bundle() {
   fi
   echo "$out"
 }
+
+# A bundle made from the build's own slot image, with another compatible (no repack needed).
+ota_bundle_incompatible() {
+  local out=$OTA_CACHE/incompatible/powermeter-raspberrypi4-64-0.raucb
+  if [ ! -s "$out" ] || [ "$out" -ot "$OTA_BUILD/qemu/rootfs.img" ]; then
+    mkdir -p "$(dirname "$out")"
+    "$OTA_REPO/images/qemu/bundle" --compatible powermeter-raspberrypi4-64 --version 0 \
+      --output "$out" >"$OTA_CACHE/incompatible/bundle.log" 2>&1 ||
+      { ota_fail "images/qemu/bundle failed: $(tail -n3 "$OTA_CACHE/incompatible/bundle.log")"; return 1; }
+  fi
+  echo "$out"
+}
+
+# The bundle images/qemu/build wrote (newest).
+ota_bundle_built() {
+  local b
+  # shellcheck disable=SC2012
+  b=$(ls -t "$OTA_BUILD"/qemu/"$OTA_COMPATIBLE"-*.raucb 2>/dev/null | head -n1)
+  [ -n "$b" ] || { ota_fail "no $OTA_BUILD/qemu/$OTA_COMPATIBLE-*.raucb (images/qemu/build makes it)"; return 1; }
+  echo "$b"
+}
+
+ota_base_version() {
+  local tree v
+  tree=$(mktemp -d); rmdir "$tree"
+  unsquashfs -q -n -d "$tree" "$OTA_BUILD/qemu/rootfs.img" etc/os-release usr/lib/os-release >/dev/null 2>&1 || true
+  v=$(ota_os_release_version "$tree"); rm -rf "$tree"
+  echo "${v:-0}"
+}
+
+# --- the guest (adapter to ci/lib/guest.sh) -------------------------------------------------
+
+ota_ssh() { guest_ssh "$@"; }
+# ota_push LOCAL REMOTE
+ota_push() { guest_ssh "cat > '$2.part' && mv '$2.part' '$2'" < "$1"; }
+ota_reboot() { guest_reboot; }
+ota_kill() { guest_kill; }
+ota_start() { guest_boot_again; }
+# ota_try CMD: one quick attempt, no waiting for the guest (it may be rebooting)
+ota_try() { guest_ssh_once "$@"; }
+
+ota_booted() { ota_ssh "sed -n 's/.*rauc\.slot=\([A-Z]\).*/\1/p' /proc/cmdline"; }
+ota_other() { [ "$1" = A ] && echo B || echo A; }
+ota_dev() { [ "$1" = A ] && echo /dev/disk/by-partlabel/rootfs-a || echo /dev/disk/by-partlabel/rootfs-b; }
+ota_version() { ota_ssh ". /etc/os-release; echo \"\$IMAGE_VERSION\""; }
+ota_env() { ota_ssh "grub-editenv /boot/efi/EFI/BOOT/grubenv list"; }
+ota_env_get() { ota_env | sed -n "s/^$1=//p"; }
+# ota_slot_is SLOT OK TRY
+ota_slot_is() {
+  local e; e=$(ota_env)
+  grep -qx "$1_OK=$2" <<<"$e" && grep -qx "$1_TRY=$3" <<<"$e"
+}
+ota_count() { ota_ssh 'exec 3<>/dev/tcp/127.0.0.1/9001 && cat <&3'; }
+# state that a refused bundle must not change: boot variables, RAUC's view, the inactive slot
+ota_snapshot() {
+  local other; other=$(ota_other "$(ota_booted)")
+  ota_ssh "grub-editenv /boot/efi/EFI/BOOT/grubenv list | sort; rauc status --detailed --output-format=shell | grep -v -e _INSTALLED_TIMESTAMP= -e _ACTIVATED_TIMESTAMP= | sort; head -c 67108864 $(ota_dev "$other") | sha256sum"
+}
+# ota_wait_good SLOT TIMEOUT: the guest runs SLOT and has marked it good
+ota_wait_good() {
+  local slot=$1 deadline=$((SECONDS + $2)) b s
+  while [ "$SECONDS" -lt "$deadline" ]; do
+    b=$(ota_try "sed -n 's/.*rauc\.slot=\([A-Z]\).*/\1/p' /proc/cmdline" 2>/dev/null || true)
+    if [ "$b" = "$slot" ]; then
+      s=$(ota_try "systemctl show -P ActiveState powermeter-mark-good.service" 2>/dev/null || true)
+      [ "$s" = active ] && return 0
+      if [ "$s" = failed ]; then
+        ota_log "slot $slot booted but not marked good (waiting for GRUB to go on)"
+      fi
+    fi
+    sleep 5
+  done
+  ota_fail "slot $slot not booted and marked good within $2 s (last booted: ${b:-none}, mark-good: ${s:-?})"
+}
+# ota_install_ok BUNDLE: copy it to the guest and install it
+ota_install_ok() {
+  local out
+  ota_push "$1" /data/ota.raucb || { ota_fail "could not copy the bundle to the guest"; return 1; }
+  if ! out=$(ota_ssh "rauc install /data/ota.raucb 2>&1; rc=\$?; rm -f /data/ota.raucb; exit \$rc"); then
+    ota_fail "rauc install failed: $(tail -n5 <<<"$out" | tr '\n' ' ')"
+    return 1
+  fi
+  ota_log "installed $(basename "$1"): $(tail -n1 <<<"$out")"
+}
+# ota_expect_refused BUNDLE PATTERN: rauc install fails saying PATTERN, nothing changes
+ota_expect_refused() {
+  local bundle=$1 pattern=$2 before after out
+  before=$(ota_snapshot) || { ota_fail "cannot read the guest's state"; return 1; }
+  ota_push "$bundle" /data/ota.raucb || { ota_fail "could not copy the bundle to the guest"; return 1; }
+  if out=$(ota_ssh "rauc install /data/ota.raucb 2>&1; rc=\$?; rm -f /data/ota.raucb; exit \$rc"); then
+    ota_fail "rauc install accepted $(basename "$bundle")"
+    return 1
+  fi
+  grep -Eq -- "$pattern" <<<"$out" ||
+    { ota_fail "refused, but not saying '$pattern': $(tail -n3 <<<"$out" | tr '\n' ' ')"; return 1; }
+  ota_log "refused: $(grep -E -- "$pattern" <<<"$out" | head -n1)"
+  after=$(ota_snapshot)
+  [ "$before" = "$after" ] ||
+    { ota_fail "a refused bundle changed the slots: $(diff <(echo "$before") <(echo "$after") | tr '\n' ' ')"; return 1; }
+}
+
+# --- scenarios --------------------------------------------------------------------------------
+
+scenario_ota-reject-unsigned() {
+  local src size sigsize out=$OTA_CACHE/reject/unsigned.raucb
+  src=$(ota_bundle_built) || return 1
+  mkdir -p "$OTA_CACHE/reject"
+  # the bundle with its signature cut off (what an unsigned bundle looks like to RAUC)
+  size=$(stat -c %s "$src")
+  sigsize=$(od -An -t u8 --endian=big -j $((size - 8)) -N 8 "$src" | tr -d ' ')
+  head -c $((size - 8 - sigsize)) "$src" > "$out"
+  ota_expect_refused "$out" "Invalid bundle format|[Ss]ignature" || return 1
+  # and one signed by a CA the device does not know
+  local other=$OTA_CACHE/reject/other-pki
+  if [ ! -s "$OTA_CACHE/reject/foreign.raucb" ]; then
+    POWERMETER_BUILD_DIR=$other POWERMETER_PKI_ORG="not powermeter" "$OTA_REPO/signing/dev-pki" >/dev/null
+    POWERMETER_BUILD_DIR=$other "$OTA_REPO/images/qemu/bundle" --rootfs "$OTA_BUILD/qemu/rootfs.img" \
+      --version 0-foreign --output "$OTA_CACHE/reject/foreign.raucb" >/dev/null 2>&1 ||
+      { ota_fail "could not make the foreign bundle"; return 1; }
+  fi
+  ota_expect_refused "$OTA_CACHE/reject/foreign.raucb" "signature verification failed"
+}
+
+scenario_ota-reject-tampered() {
+  local src size out=$OTA_CACHE/reject/tampered.raucb
+  src=$(ota_bundle_built) || return 1
+  mkdir -p "$OTA_CACHE/reject"
+  cp "$src" "$out"
+  size=$(stat -c %s "$out")
+  # one byte inside the payload (the slot image), not the signature
+  local pos=$((size / 3)) byte
+  byte=$(od -An -t u1 -j "$pos" -N 1 "$out" | tr -d ' ')
+  printf '%b' "\\$(printf '%03o' $(( (byte + 1) % 256 )))" | dd of="$out" bs=1 seek="$pos" conv=notrunc 2>/dev/null
+  cmp -s "$src" "$out" && { ota_fail "could not tamper with the copy"; return 1; }
+  ota_expect_refused "$out" "failed between [0-9]+ and [0-9]+ bytes|Input/output error|corrupt" || return 1
+  # a truncated download
+  head -c $((size - 100000)) "$src" > "$OTA_CACHE/reject/truncated.raucb"
+  ota_expect_refused "$OTA_CACHE/reject/truncated.raucb" "Invalid bundle format|[Ss]ignature"
+}
+
+scenario_ota-reject-incompatible() {
+  local b
+  b=$(ota_bundle_incompatible) || return 1
+  ota_expect_refused "$b" "Compatible mismatch"
+}
+
+scenario_ota-install() {
+  local old new oldv newv c1 c2 b hash order
+  old=$(ota_booted) || true
+  [ -n "$old" ] || { ota_fail "cannot tell the booted slot"; return 1; }
+  new=$(ota_other "$old")
+  oldv=$(ota_version)
+  newv="$(ota_base_version)+ota1"
+  [ "$newv" != "$oldv" ] || newv="$newv.1"
+  b=$(ota_bundle "$newv") || return 1
+  hash=$(cat "$(dirname "$b")/rootfs.roothash")
+  # a counter that has counted something
+  local t=$((SECONDS + 60))
+  while c1=$(ota_count) && [ "${c1:-0}" -eq 0 ] && [ "$SECONDS" -lt "$t" ]; do sleep 3; done
+  [ "${c1:-0}" -gt 0 ] || { ota_fail "the counter does not count (port 9001 says '${c1:-}')"; return 1; }
+  ota_install_ok "$b" || return 1
+  order=$(ota_env_get ORDER)
+  [ "${order%% *}" = "$new" ] || { ota_fail "after install ORDER='$order', expected $new first"; return 1; }
+  [ "$(ota_env_get "${new}_ROOTHASH")" = "$hash" ] ||
+    { ota_fail "${new}_ROOTHASH is not the bundle's root hash"; return 1; }
+  ota_slot_is "$new" 1 0 || { ota_fail "slot $new not armed: $(ota_env | tr '\n' ' ')"; return 1; }
+  ota_reboot || { ota_fail "guest did not come back after the reboot"; return 1; }
+  ota_wait_good "$new" 300 || return 1
+  [ "$(ota_version)" = "$newv" ] || { ota_fail "version is '$(ota_version)', expected '$newv'"; return 1; }
+  c2=$(ota_count)
+  [ "${c2:-0}" -ge "$c1" ] || { ota_fail "counter went back from $c1 to ${c2:-?} over the update"; return 1; }
+  ota_ssh "rauc status" | grep -q "$OTA_COMPATIBLE" || true
+  ota_slot_is "$new" 1 0 || { ota_fail "slot $new not marked good: $(ota_env | tr '\n' ' ')"; return 1; }
+  ota_log "slot $old ($oldv) -> $new ($newv); counter $c1 -> $c2"
+}
+
+scenario_ota-rollback-unhealthy() {
+  local old new oldv b
+  old=$(ota_booted) || true
+  [ -n "$old" ] || { ota_fail "cannot tell the booted slot"; return 1; }
+  new=$(ota_other "$old")
+  oldv=$(ota_version)
+  b=$(ota_bundle "$(ota_base_version)+unhealthy" unhealthy) || return 1
+  ota_install_ok "$b" || return 1
+  ota_reboot || true   # the guest may come up on the trial slot first
+  # 3 trial boots of $new (each: boot + up to 60 s waiting for /health), then $old
+  ota_wait_good "$old" 900 || return 1
+  [ "$(ota_version)" = "$oldv" ] || { ota_fail "running '$(ota_version)', expected the old '$oldv'"; return 1; }
+  [ "$(ota_env_get "${new}_OK")" = 0 ] ||
+    { ota_fail "the failed slot $new is not marked bad: $(ota_env | tr '\n' ' ')"; return 1; }
+  local n
+  n=$(ota_ssh "journalctl -u powermeter-mark-good.service --no-pager -o cat | grep -c 'slot $new is NOT marked good'" || true)
+  [ "${n:-0}" -ge 1 ] || { ota_fail "no failed trial of slot $new in the journal"; return 1; }
+  ota_ssh "rauc status mark-good booted >/dev/null"   # harmless; confirms RAUC is usable
+  ota_log "slot $new failed $n trial boot(s) in the journal; back on $old ($oldv)"
+}
+
+scenario_ota-rollback-corrupt() {
+  local old new oldv b dev hash off
+  old=$(ota_booted) || true
+  [ -n "$old" ] || { ota_fail "cannot tell the booted slot"; return 1; }
+  new=$(ota_other "$old")
+  oldv=$(ota_version)
+  b=$(ota_bundle "$(ota_base_version)+corrupt") || return 1
+  hash=$(cat "$(dirname "$b")/rootfs.roothash")
+  ota_install_ok "$b" || return 1
+  ota_layout; off=$OTA_OFFSET
+  dev=$(ota_dev "$new")
+  # Corrupt 4 bytes of the slot's first block (the squashfs superblock's mkfs time: neither
+  # GRUB nor the kernel's squashfs cares, only dm-verity notices). Then check that dm-verity
+  # indeed refuses the slot.
+  ota_ssh "printf '\\336\\255\\276\\357' | dd of=$dev bs=1 seek=8 conv=notrunc,fsync status=none" ||
+    { ota_fail "could not corrupt $dev"; return 1; }
+  if ota_ssh "veritysetup verify $dev $dev $hash --hash-offset=$off" >/dev/null 2>&1; then
+    ota_fail "the corrupted slot still verifies"; return 1
+  fi
+  ota_reboot || true
+  ota_wait_good "$old" 600 || return 1
+  [ "$(ota_version)" = "$oldv" ] || { ota_fail "running '$(ota_version)', expected the old '$oldv'"; return 1; }
+  [ "$(ota_env_get "${new}_OK")" = 0 ] ||
+    { ota_fail "the corrupt slot $new is not marked bad: $(ota_env | tr '\n' ' ')"; return 1; }
+  ota_log "corrupt slot $new refused by dm-verity; back on $old ($oldv)"
+}
+
+scenario_ota-powercut() {
+  local old new oldv newv b log st
+  old=$(ota_booted) || true
+  [ -n "$old" ] || { ota_fail "cannot tell the booted slot"; return 1; }
+  new=$(ota_other "$old")
+  oldv=$(ota_version)
+  newv="$(ota_base_version)+powercut"
+  b=$(ota_bundle "$newv") || return 1
+  ota_push "$b" /data/ota.raucb || { ota_fail "could not copy the bundle to the guest"; return 1; }
+  ota_ssh "rm -f /data/ota-install.log; setsid nohup rauc install /data/ota.raucb >/data/ota-install.log 2>&1 < /dev/null &"
+  # wait until RAUC writes the slot (target marked bad, image copy under way), then pull the plug
+  local t=$((SECONDS + 180)) cut=0
+  while [ "$SECONDS" -lt "$t" ]; do
+    log=$(ota_ssh "cat /data/ota-install.log" 2>/dev/null || true)
+    if grep -q "succeeded\|failed" <<<"$log"; then break; fi
+    if grep -q "Copying image\|Updating slot" <<<"$log" && [ "$(ota_env_get "${new}_OK")" = 0 ]; then
+      sleep 2
+      log=$(ota_ssh "cat /data/ota-install.log" 2>/dev/null || true)
+      grep -q "succeeded\|failed" <<<"$log" && break
+      ota_log "power cut during: $(grep -o '[0-9]*% [A-Za-z].*' <<<"$log" | tail -n1)"
+      ota_kill
+      cut=1
+      break
+    fi
+    sleep 1
+  done
+  [ "$cut" = 1 ] || { ota_fail "could not cut the power during the write (log: $(tail -n3 <<<"$log" | tr '\n' ' '))"; return 1; }
+  ota_start || { ota_fail "guest did not boot after the power cut"; return 1; }
+  ota_wait_good "$old" 300 || return 1
+  [ "$(ota_version)" = "$oldv" ] || { ota_fail "running '$(ota_version)' after the cut, expected '$oldv'"; return 1; }
+  st=$(ota_env_get "${new}_OK")
+  [ "$st" = 0 ] || { ota_fail "half-written slot $new is not marked bad (${new}_OK=$st)"; return 1; }
+  # a new install must succeed, and its slot must boot
+  ota_ssh "rm -f /data/ota.raucb /data/ota.raucb.part /data/ota-install.log"
+  ota_install_ok "$b" || return 1
+  ota_reboot || { ota_fail "guest did not come back after the reboot"; return 1; }
+  ota_wait_good "$new" 300 || return 1
+  [ "$(ota_version)" = "$newv" ] || { ota_fail "version is '$(ota_version)', expected '$newv'"; return 1; }
+  ota_log "power cut left $old running; re-install booted $new ($newv)"
+}
+
+SCENARIOS+=(ota-reject-unsigned ota-reject-tampered ota-reject-incompatible ota-install
+            ota-rollback-unhealthy ota-rollback-corrupt ota-powercut)
