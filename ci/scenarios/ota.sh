@@ -126,6 +126,67 @@ ota_base_version() {
   echo "${v:-0}"
 }
 
+# --- a local HTTP server for `rauc install http://...` ------------------------------------------
+# Serves one directory on 127.0.0.1 (the guest reaches it as 10.0.2.2 through qemu's user
+# network), with HTTP range requests, which RAUC's bundle streaming needs.
+OTA_HTTP_PID=
+ota_http_start() { # DIR -> prints the port
+  local dir=$1 portfile
+  portfile=$(mktemp)
+  python3 - "$dir" "$portfile" >/dev/null 2>&1 <<'PY' &
+import http.server, os, re, sys
+root, portfile = sys.argv[1], sys.argv[2]
+class H(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def log_message(self, *a): pass
+    def _file(self):
+        p = os.path.join(root, os.path.basename(self.path.split("?")[0]))
+        return p if os.path.isfile(p) else None
+    def _head(self, body):
+        p = self._file()
+        if not p:
+            self.send_response(404); self.send_header("Content-Length", "0"); self.end_headers(); return None
+        size = os.path.getsize(p); start, end = 0, size - 1
+        m = re.match(r"bytes=(\d*)-(\d*)$", self.headers.get("Range", ""))
+        if m and (m.group(1) or m.group(2)):
+            if m.group(1):
+                start = int(m.group(1)); end = int(m.group(2)) if m.group(2) else size - 1
+            else:
+                start = max(0, size - int(m.group(2)))
+            end = min(end, size - 1)
+            if start > end:
+                self.send_response(416); self.send_header("Content-Range", "bytes */%d" % size)
+                self.send_header("Content-Length", "0"); self.end_headers(); return None
+            self.send_response(206); self.send_header("Content-Range", "bytes %d-%d/%d" % (start, end, size))
+        else:
+            self.send_response(200)
+        self.send_header("Accept-Ranges", "bytes")
+        self.send_header("Content-Length", str(end - start + 1))
+        self.send_header("Content-Type", "application/octet-stream")
+        self.end_headers()
+        return (p, start, end) if body else None
+    def do_HEAD(self): self._head(False)
+    def do_GET(self):
+        r = self._head(True)
+        if not r: return
+        p, start, end = r
+        with open(p, "rb") as f:
+            f.seek(start); left = end - start + 1
+            while left > 0:
+                b = f.read(min(left, 1 << 20))
+                if not b: break
+                self.wfile.write(b); left -= len(b)
+srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
+with open(portfile, "w") as f: f.write(str(srv.server_address[1]))
+srv.serve_forever()
+PY
+  OTA_HTTP_PID=$!
+
+  for _ in $(seq 50); do [ -s "$portfile" ] && break; sleep 0.1; done
+  cat "$portfile"; rm -f "$portfile"
+}
+ota_http_stop() { [ -z "$OTA_HTTP_PID" ] || kill "$OTA_HTTP_PID" 2>/dev/null || true; OTA_HTTP_PID=; }
+
 # --- the guest (adapter to ci/lib/guest.sh) -------------------------------------------------
 
 ota_ssh() { guest_ssh "$@"; }
