@@ -129,8 +129,9 @@ ota_base_version() {
 # --- a local HTTP server for `rauc install http://...` ------------------------------------------
 # Serves one directory on 127.0.0.1 (the guest reaches it as 10.0.2.2 through qemu's user
 # network), with HTTP range requests, which RAUC's bundle streaming needs.
-OTA_HTTP_PID=
-ota_http_start() { # DIR -> prints the port
+OTA_HTTP_PID=''
+OTA_HTTP_PORT=''
+ota_http_start() { # DIR: sets OTA_HTTP_PID and OTA_HTTP_PORT (call it without $(...))
   local dir=$1 portfile
   portfile=$(mktemp)
   python3 - "$dir" "$portfile" >/dev/null 2>&1 <<'PY' &
@@ -183,7 +184,8 @@ PY
   OTA_HTTP_PID=$!
 
   for _ in $(seq 50); do [ -s "$portfile" ] && break; sleep 0.1; done
-  cat "$portfile"; rm -f "$portfile"
+  OTA_HTTP_PORT=$(cat "$portfile"); rm -f "$portfile"
+  [ -n "$OTA_HTTP_PORT" ] || { ota_http_stop; ota_fail "the HTTP server did not start"; return 1; }
 }
 ota_http_stop() { [ -z "$OTA_HTTP_PID" ] || kill "$OTA_HTTP_PID" 2>/dev/null || true; OTA_HTTP_PID=; }
 
