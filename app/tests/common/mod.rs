@@ -96,10 +96,10 @@ impl Setup {
                     .find_map(|l| l.strip_prefix(k))
                     .and_then(|v| v.parse::<u64>().ok())
             };
-            if let (Some(g), Some(p)) = (field("generation="), field("pulses_total=")) {
-                if best.is_none_or(|(bg, _)| g > bg) {
-                    best = Some((g, p));
-                }
+            if let (Some(g), Some(p)) = (field("generation="), field("pulses_total="))
+                && best.is_none_or(|(bg, _)| g > bg)
+            {
+                best = Some((g, p));
             }
         }
         best.map(|(_, p)| p)
