@@ -154,6 +154,12 @@ async fn run_async(opts: Options) -> Result<()> {
         fault,
     } = opts;
 
+    // Signal handlers before anything is reachable: a SIGHUP or SIGTERM that arrives once a
+    // port answers must not hit the default action (terminate without saving).
+    let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+    let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+    let mut sighup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
+
     // State first: a damaged state directory must stop us before anything is counted.
     let dir = config.state.dir.clone();
     let loaded =
@@ -264,9 +270,6 @@ async fn run_async(opts: Options) -> Result<()> {
         tasks.spawn(watchdog_task(interval, beats, stop_rx.clone()));
     }
 
-    let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
-    let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
-    let mut sighup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
     systemd::ready(&status_line(&shared));
     tracing::info!(version = crate::VERSION, "ready");
 

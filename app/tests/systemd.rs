@@ -160,7 +160,7 @@ fn socket_activation_uses_passed_sockets_instead_of_binding() {
     let (lfd, hfd) = (legacy.as_raw_fd(), http.as_raw_fd());
     let mut cmd = Command::new("sh");
     cmd.arg("-c")
-        .arg("LISTEN_PID=$$ exec \"$0\" --config \"$1\"")
+        .arg("LISTEN_PID=$$ exec ${POWERMETERD_TEST_RUNNER:-} \"$0\" --config \"$1\"")
         .arg(BIN)
         .arg(s.config())
         .env("LISTEN_FDS", "2")
@@ -205,7 +205,7 @@ fn a_passed_fd_that_is_not_a_listening_socket_is_refused() {
     let s = Setup::new(225_000.0, 0, 3600);
     let out = Command::new("sh")
         .arg("-c")
-        .arg("LISTEN_PID=$$ exec \"$0\" --config \"$1\" 3</dev/null")
+        .arg("LISTEN_PID=$$ exec ${POWERMETERD_TEST_RUNNER:-} \"$0\" --config \"$1\" 3</dev/null")
         .arg(BIN)
         .arg(s.config())
         .env("LISTEN_FDS", "1")

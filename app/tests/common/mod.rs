@@ -9,6 +9,20 @@ use std::time::{Duration, Instant};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_powermeterd");
 
+/// A `Command` for the daemon binary, through `POWERMETERD_TEST_RUNNER` when set (e.g.
+/// `qemu-aarch64-static -L /usr/aarch64-linux-gnu` for a cross-built test run).
+pub fn bin_command() -> Command {
+    match std::env::var("POWERMETERD_TEST_RUNNER") {
+        Ok(r) if !r.trim().is_empty() => {
+            let mut parts = r.split_whitespace();
+            let mut c = Command::new(parts.next().unwrap_or_default());
+            c.args(parts).arg(BIN);
+            c
+        }
+        _ => Command::new(BIN),
+    }
+}
+
 /// A free TCP port on loopback (bound and released; good enough for tests).
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -58,7 +72,7 @@ impl Setup {
     }
 
     pub fn command(&self) -> Command {
-        let mut c = Command::new(BIN);
+        let mut c = bin_command();
         c.arg("--config").arg(self.config());
         c.env_remove("NOTIFY_SOCKET")
             .env_remove("WATCHDOG_USEC")
@@ -213,7 +227,7 @@ pub fn http_request(port: u16, raw: &str) -> (u16, String) {
 
 /// Runs `powermeterd` with `args` to completion: (exit code, stderr).
 pub fn run_to_end(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(BIN).args(args).output().unwrap();
+    let out = bin_command().args(args).output().unwrap();
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into_owned(),
