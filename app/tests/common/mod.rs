@@ -82,7 +82,7 @@ impl Setup {
         c
     }
 
-    /// Starts the daemon and waits until port 9001 answers.
+    /// Starts the daemon and waits until port 9001 and HTTP accept connections.
     pub fn start(&self) -> Daemon {
         self.start_with(self.command())
     }
@@ -134,7 +134,9 @@ impl Daemon {
     pub fn wait_ready(&self) {
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
-            if TcpStream::connect(("127.0.0.1", self.legacy)).is_ok() {
+            if TcpStream::connect(("127.0.0.1", self.legacy)).is_ok()
+                && TcpStream::connect(("127.0.0.1", self.http)).is_ok()
+            {
                 return;
             }
             std::thread::sleep(Duration::from_millis(20));
