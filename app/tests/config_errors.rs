@@ -133,3 +133,29 @@ fn version_and_usage() {
     assert_eq!(code, 2);
     assert!(err.contains("usage:"));
 }
+
+#[test]
+fn a_missing_gpio_chip_is_a_fatal_error_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gpio.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[meter]\npulses_per_kwh = 800\n[input]\nsource = \"gpio\"\npin = 63\nchip = \"/nonexistent/gpiochip9\"\n\
+             [legacy]\nlisten = []\n[http]\nlisten = []\n[state]\ndir = \"{}\"\n",
+            dir.path().join("state").display()
+        ),
+    )
+    .unwrap();
+    // pin 63 is out of range: a config error first.
+    let (code, _, err) = run_to_end(&["--config", path.to_str().unwrap()]);
+    assert_eq!(code, 78, "{err}");
+    let text = std::fs::read_to_string(&path)
+        .unwrap()
+        .replace("pin = 63", "pin = 27");
+    std::fs::write(&path, text).unwrap();
+    let (code, _, err) = run_to_end(&["--config", path.to_str().unwrap()]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("opening the pulse input"), "{err}");
+    assert!(err.contains("/nonexistent/gpiochip9"), "{err}");
+}
