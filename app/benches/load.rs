@@ -1,0 +1,239 @@
+//! Load benchmark (prints figures; asserts nothing). `cargo bench -p powermeterd --bench load`
+//!
+//! - port-9001 queries/s and latency percentiles with 32 concurrent clients on loopback,
+//! - RSS of the daemon idle and under that load, CPU use while idle,
+//! - CPU time of the daemon per 1 million simulated pulses, and of the counting core alone.
+//!
+//! Environment: `BENCH_SECONDS` (load duration, default 5), `BENCH_CLIENTS` (default 32),
+//! `BENCH_CLIENT_THREADS` (default 2).
+
+use std::io::Read;
+use std::net::{TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use powermeterd::meter::{EnergyRegister, Meter, MeterSettings};
+
+const BIN: &str = env!("CARGO_BIN_EXE_powermeterd");
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct Daemon {
+    child: Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Daemon {
+    fn start(watts: f64, debounce_ms: u64) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let config = dir.path().join("c.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[meter]\npulses_per_kwh = 800\n[input]\nsource = \"sim\"\ndebounce_ms = {debounce_ms}\n\
+                 [input.sim]\nwatts = {watts:?}\n[legacy]\nlisten = [\"127.0.0.1:{port}\"]\n\
+                 [http]\nlisten = []\n[state]\ndir = \"{}\"\nsave_interval_s = 60\n",
+                dir.path().join("state").display()
+            ),
+        )
+        .unwrap();
+        let child = Command::new(BIN)
+            .arg("--config")
+            .arg(&config)
+            .env("POWERMETERD_LOG", "warn")
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "daemon did not start");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Self {
+            child,
+            port,
+            _dir: dir,
+        }
+    }
+
+    fn status_kib(&self, field: &str) -> u64 {
+        let s = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        s.lines()
+            .find_map(|l| l.strip_prefix(field))
+            .and_then(|v| v.trim().trim_end_matches(" kB").parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// utime + stime in seconds.
+    fn cpu_s(&self) -> f64 {
+        let s = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap();
+        let after = &s[s.rfind(')').unwrap() + 2..];
+        let f: Vec<&str> = after.split(' ').collect();
+        let ticks: f64 = f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap();
+        // SAFETY: sysconf is always safe to call.
+        ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+    }
+
+    fn count(&self) -> u64 {
+        let mut s = TcpStream::connect(("127.0.0.1", self.port)).unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out.parse().unwrap()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn env_num(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn main() {
+    // `cargo bench` passes `--bench`; `cargo test --benches` would pass nothing useful.
+    let seconds = env_num("BENCH_SECONDS", 5);
+    let clients = env_num("BENCH_CLIENTS", 32) as usize;
+
+    let d = Daemon::start(1500.0, 20);
+    std::thread::sleep(Duration::from_secs(1));
+    let cpu0 = d.cpu_s();
+    let idle_for = Duration::from_secs(3);
+    std::thread::sleep(idle_for);
+    let idle_cpu = (d.cpu_s() - cpu0) / idle_for.as_secs_f64() * 100.0;
+    let rss_idle = d.status_kib("VmRSS:");
+
+    let port = d.port;
+    let cpu_load0 = d.cpu_s();
+    let stop_at = Instant::now() + Duration::from_secs(seconds);
+    let started = Instant::now();
+    // 32 concurrent clients as tasks on `BENCH_CLIENT_THREADS` client threads (cheaper than
+    // 32 OS threads, so more of the two cores is left to the server).
+    let client_threads = env_num("BENCH_CLIENT_THREADS", 2) as usize;
+    let workers: Vec<_> = (0..client_threads)
+        .map(|t| {
+            let clients = clients / client_threads + usize::from(t < clients % client_threads);
+            std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                rt.block_on(async move {
+                    let tasks: Vec<_> = (0..clients)
+                        .map(|_| {
+                            tokio::spawn(async move {
+                                use tokio::io::AsyncReadExt;
+                                let mut lat = Vec::with_capacity(200_000);
+                                let mut errors = 0u64;
+                                let mut buf = Vec::with_capacity(32);
+                                while Instant::now() < stop_at {
+                                    let t = Instant::now();
+                                    buf.clear();
+                                    match tokio::net::TcpStream::connect(("127.0.0.1", port)).await
+                                    {
+                                        Ok(mut s) => match s.read_to_end(&mut buf).await {
+                                            Ok(n) if n > 0 => {}
+                                            _ => errors += 1,
+                                        },
+                                        Err(_) => errors += 1,
+                                    }
+                                    lat.push(t.elapsed().as_micros() as u32);
+                                }
+                                (lat, errors)
+                            })
+                        })
+                        .collect();
+                    let mut lat = Vec::new();
+                    let mut errors = 0;
+                    for t in tasks {
+                        let (l, e) = t.await.unwrap();
+                        lat.extend(l);
+                        errors += e;
+                    }
+                    (lat, errors)
+                })
+            })
+        })
+        .collect();
+    let mut rss_load = 0;
+    while Instant::now() < stop_at {
+        rss_load = rss_load.max(d.status_kib("VmRSS:"));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let mut lat = Vec::new();
+    let mut errors = 0;
+    for w in workers {
+        let (l, e) = w.join().unwrap();
+        lat.extend(l);
+        errors += e;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let server_cpu = (d.cpu_s() - cpu_load0) / elapsed * 100.0;
+    lat.sort_unstable();
+    let pct = |p: f64| lat[((lat.len() as f64 * p) as usize).min(lat.len() - 1)];
+    let hwm = d.status_kib("VmHWM:");
+    drop(d);
+
+    // CPU per million simulated pulses: a simulated load of 2e5 pulses/s, no debounce.
+    let fast = Daemon::start(9.0e8, 0);
+    std::thread::sleep(Duration::from_millis(500));
+    let (c0, p0) = (fast.cpu_s(), fast.count());
+    std::thread::sleep(Duration::from_secs(5));
+    let (c1, p1) = (fast.cpu_s(), fast.count());
+    drop(fast);
+    let per_million = (c1 - c0) / ((p1 - p0) as f64 / 1e6);
+
+    // The counting core alone.
+    let mut m = Meter::new(
+        MeterSettings {
+            pulses_per_kwh: 800,
+            debounce_ns: 20_000_000,
+            zero_after_ns: 300_000_000_000,
+        },
+        0,
+        EnergyRegister::default(),
+    );
+    let t = Instant::now();
+    for i in 0..1_000_000u64 {
+        std::hint::black_box(m.on_edge(std::hint::black_box(i * 25_000_000)));
+    }
+    let core_ms = t.elapsed().as_secs_f64() * 1e3;
+
+    println!(
+        "powermeterd load benchmark ({} cores)",
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+    println!(
+        "port 9001, {clients} clients, {elapsed:.1} s: {:.0} queries/s, {} errors",
+        lat.len() as f64 / elapsed,
+        errors
+    );
+    println!(
+        "latency: p50 {} us, p99 {} us, max {} us",
+        pct(0.50),
+        pct(0.99),
+        lat[lat.len() - 1]
+    );
+    println!("daemon CPU under load: {server_cpu:.0} % of one core");
+    println!("RSS idle {rss_idle} KiB, under load {rss_load} KiB (peak VmHWM {hwm} KiB)");
+    println!("idle CPU {idle_cpu:.2} % of one core (1500 W simulated, 1 pulse / 3 s)");
+    println!(
+        "daemon CPU per 1M simulated pulses: {per_million:.3} s ({} pulses in 5 s)",
+        p1 - p0
+    );
+    println!("counting core alone: {core_ms:.1} ms per 1M edges");
+}

@@ -1,0 +1,140 @@
+//! The command line: `powermeterd [--config FILE]`, `--check-config`, `--version`,
+//! `--set-reading KWH`.
+
+use std::path::PathBuf;
+
+use crate::config::DEFAULT_PATH;
+
+/// What the command line asks for.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Command {
+    /// Run the daemon.
+    Run {
+        /// The configuration file.
+        config: PathBuf,
+    },
+    /// Validate the configuration and exit.
+    CheckConfig {
+        /// The configuration file.
+        config: PathBuf,
+    },
+    /// Set the energy register to the meter's reading (daemon stopped) and exit.
+    SetReading {
+        /// The configuration file (for the state directory).
+        config: PathBuf,
+        /// The meter's reading in kWh.
+        kwh: f64,
+    },
+    /// Print the version.
+    Version,
+    /// Print the usage.
+    Help,
+}
+
+/// Usage text.
+pub const USAGE: &str = "\
+usage: powermeterd [--config FILE]                 run the daemon
+       powermeterd --check-config [--config FILE]  validate the configuration and exit
+       powermeterd --set-reading KWH [--config FILE]
+                                                   set the energy register to the meter's
+                                                   display (stop the daemon first)
+       powermeterd --version
+default config: /etc/powermeter/powermeter.toml";
+
+/// Parses the arguments after the program name.
+pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, String> {
+    let mut config = None;
+    let mut check = false;
+    let mut version = false;
+    let mut help = false;
+    let mut reading = None;
+    let mut args = args.into_iter();
+    while let Some(arg) = args.next() {
+        let mut value = |name: &str| args.next().ok_or_else(|| format!("{name} needs a value"));
+        match arg.as_str() {
+            "--config" | "-c" => config = Some(PathBuf::from(value("--config")?)),
+            "--check-config" => check = true,
+            "--version" | "-V" => version = true,
+            "--help" | "-h" => help = true,
+            "--set-reading" => {
+                let v = value("--set-reading")?;
+                let kwh: f64 = v
+                    .parse()
+                    .map_err(|_| format!("--set-reading: {v:?} is not a number of kWh"))?;
+                if !(kwh.is_finite() && kwh >= 0.0) {
+                    return Err(format!("--set-reading: {v} must be a finite number >= 0"));
+                }
+                reading = Some(kwh);
+            }
+            s if s.starts_with("--config=") => config = Some(PathBuf::from(&s[9..])),
+            other => return Err(format!("unknown argument {other:?}")),
+        }
+    }
+    let config = config.unwrap_or_else(|| PathBuf::from(DEFAULT_PATH));
+    Ok(match (help, version, check, reading) {
+        (true, ..) => Command::Help,
+        (_, true, ..) => Command::Version,
+        (_, _, true, None) => Command::CheckConfig { config },
+        (_, _, false, Some(kwh)) => Command::SetReading { config, kwh },
+        (_, _, true, Some(_)) => {
+            return Err("--check-config and --set-reading exclude each other".into());
+        }
+        (_, _, false, None) => Command::Run { config },
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(args: &[&str]) -> Result<Command, String> {
+        parse(args.iter().map(|s| s.to_string()))
+    }
+
+    #[test]
+    fn forms() {
+        assert_eq!(
+            p(&[]),
+            Ok(Command::Run {
+                config: DEFAULT_PATH.into()
+            })
+        );
+        assert_eq!(
+            p(&["--config", "a.toml"]),
+            Ok(Command::Run {
+                config: "a.toml".into()
+            })
+        );
+        assert_eq!(
+            p(&["--config=a.toml"]),
+            Ok(Command::Run {
+                config: "a.toml".into()
+            })
+        );
+        assert_eq!(
+            p(&["--check-config", "--config", "b"]),
+            Ok(Command::CheckConfig { config: "b".into() })
+        );
+        assert_eq!(p(&["--version"]), Ok(Command::Version));
+        assert_eq!(
+            p(&["--set-reading", "12.5"]),
+            Ok(Command::SetReading {
+                config: DEFAULT_PATH.into(),
+                kwh: 12.5
+            })
+        );
+    }
+
+    #[test]
+    fn errors() {
+        assert!(p(&["--config"]).unwrap_err().contains("needs a value"));
+        assert!(
+            p(&["--frobnicate"])
+                .unwrap_err()
+                .contains("unknown argument")
+        );
+        assert!(p(&["--set-reading", "x"]).is_err());
+        assert!(p(&["--set-reading", "-1"]).is_err());
+        assert!(p(&["--set-reading", "1", "--check-config"]).is_err());
+    }
+}

@@ -1,0 +1,130 @@
+//! The systemd interfaces: readiness and status notifications, the watchdog, and sockets
+//! passed by socket activation (`LISTEN_FDS` / `LISTEN_FDNAMES`).
+//!
+//! Outside systemd (no `NOTIFY_SOCKET`, no `LISTEN_PID`) every function here is a no-op.
+
+use std::net::TcpListener;
+use std::os::fd::{FromRawFd, RawFd};
+use std::time::Duration;
+
+use sd_notify::NotifyState;
+
+/// File descriptor name of the port-9001 socket (`FileDescriptorName=legacy`).
+pub const FD_LEGACY: &str = "legacy";
+/// File descriptor name of the HTTP socket (`FileDescriptorName=http`).
+pub const FD_HTTP: &str = "http";
+
+/// Listening sockets handed over by systemd, sorted by their names.
+#[derive(Debug, Default)]
+pub struct PassedSockets {
+    /// Sockets named `legacy`.
+    pub legacy: Vec<TcpListener>,
+    /// Sockets named `http`.
+    pub http: Vec<TcpListener>,
+}
+
+/// An unusable passed socket.
+#[derive(Debug, thiserror::Error)]
+pub enum SocketError {
+    /// The environment is malformed.
+    #[error("socket activation: {0}")]
+    Env(std::io::Error),
+    /// A passed fd is not a listening TCP socket.
+    #[error("socket activation: fd {fd} ({name}) is not a listening TCP stream socket")]
+    NotListening {
+        /// The fd.
+        fd: RawFd,
+        /// Its name.
+        name: String,
+    },
+}
+
+/// Takes the sockets systemd passed to this process and clears the activation variables so
+/// that children do not inherit them. Sockets with other names are closed with a warning.
+///
+/// # Safety
+/// Modifies the environment: call it before any other thread exists (before the runtime).
+pub unsafe fn take_passed_sockets() -> Result<PassedSockets, SocketError> {
+    // SAFETY: the caller guarantees no other thread runs.
+    let fds =
+        unsafe { sd_notify::listen_fds_with_names_and_unset_env() }.map_err(SocketError::Env)?;
+    let mut passed = PassedSockets::default();
+    for (fd, name) in fds {
+        if !is_listening_tcp(fd) {
+            return Err(SocketError::NotListening { fd, name });
+        }
+        // SAFETY: systemd passed us this fd and nothing else owns it.
+        let listener = unsafe { TcpListener::from_raw_fd(fd) };
+        match name.as_str() {
+            FD_LEGACY => passed.legacy.push(listener),
+            FD_HTTP => passed.http.push(listener),
+            other => {
+                eprintln!("powermeterd: ignoring passed socket named {other:?} (fd {fd})");
+            }
+        }
+    }
+    Ok(passed)
+}
+
+fn is_listening_tcp(fd: RawFd) -> bool {
+    let get = |opt| {
+        let mut v: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: valid pointers to an int and its length.
+        let rc = unsafe {
+            libc::getsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                opt,
+                (&mut v as *mut libc::c_int).cast(),
+                &mut len,
+            )
+        };
+        (rc == 0).then_some(v)
+    };
+    get(libc::SO_TYPE) == Some(libc::SOCK_STREAM) && get(libc::SO_ACCEPTCONN) == Some(1)
+}
+
+/// The watchdog interval systemd asks for (`WATCHDOG_USEC`), if any.
+pub fn watchdog_interval() -> Option<Duration> {
+    sd_notify::watchdog_enabled().filter(|d| !d.is_zero())
+}
+
+fn send(states: &[NotifyState<'_>]) {
+    if let Err(e) = sd_notify::notify(states) {
+        tracing::warn!(error = %e, "sd_notify failed");
+    }
+}
+
+/// `READY=1` with a status line.
+pub fn ready(status: &str) {
+    send(&[NotifyState::Ready, NotifyState::Status(status)]);
+}
+
+/// `STATUS=...`
+pub fn status(status: &str) {
+    send(&[NotifyState::Status(status)]);
+}
+
+/// `RELOADING=1` with the monotonic time systemd wants alongside it.
+pub fn reloading() {
+    match sd_notify::NotifyState::monotonic_usec_now() {
+        Ok(now) => send(&[NotifyState::Reloading, now]),
+        Err(_) => send(&[NotifyState::Reloading]),
+    }
+}
+
+/// `READY=1` after a reload.
+pub fn reloaded() {
+    send(&[NotifyState::Ready]);
+}
+
+/// `STOPPING=1`
+pub fn stopping() {
+    send(&[NotifyState::Stopping, NotifyState::Status("stopping")]);
+}
+
+/// `WATCHDOG=1`
+pub fn watchdog() {
+    send(&[NotifyState::Watchdog]);
+}
