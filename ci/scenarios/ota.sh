@@ -233,27 +233,52 @@ ota_wait_good() {
   done
   ota_fail "slot $slot not booted and marked good within $2 s (last booted: ${b:-none}, mark-good: ${s:-?})"
 }
-# ota_install_ok BUNDLE: copy it to the guest and install it
+# The guest fetches bundles from a web server on the host: `rauc install http://...` streams
+# them (HTTP range requests into dm-verity), so no copy needs room on /data.
+OTA_HOST_ADDR=${OTA_HOST_ADDR:-10.0.2.2}   # the host as qemu's user network shows it
+ota_url() { # BUNDLE -> URL (serves it from $OTA_CACHE/www)
+  mkdir -p "$OTA_CACHE/www"
+  ln -sf "$1" "$OTA_CACHE/www/$(basename "$1")"
+  if [ -z "$OTA_HTTP_PID" ] || ! kill -0 "$OTA_HTTP_PID" 2>/dev/null; then
+    ota_http_start "$OTA_CACHE/www" || return 1
+  fi
+  echo "http://$OTA_HOST_ADDR:$OTA_HTTP_PORT/$(basename "$1")"
+}
+# ota_install_ok BUNDLE [url|file]: install it (file: copied to /data first, when there is room)
 ota_install_ok() {
-  local out
-  ota_push "$1" /data/ota.raucb || { ota_fail "could not copy the bundle to the guest"; return 1; }
-  if ! out=$(ota_ssh "rauc install /data/ota.raucb 2>&1; rc=\$?; rm -f /data/ota.raucb; exit \$rc"); then
-    ota_fail "rauc install failed: $(tail -n5 <<<"$out" | tr '\n' ' ')"
+  local out how=${2:-url} src free
+  if [ "$how" = file ]; then
+    free=$(ota_ssh "df --output=avail -B1 /data | tail -n1" | tr -d ' ')
+    if [ "${free:-0}" -gt $(( $(stat -c %s "$1") + 64 * 1024 * 1024 )) ]; then
+      ota_push "$1" /data/ota.raucb || { ota_fail "could not copy the bundle to the guest"; return 1; }
+      src=/data/ota.raucb
+    else
+      ota_log "no room for the bundle on /data ($free bytes free): installing from a URL"
+      how=url
+    fi
+  fi
+  if [ "$how" = url ]; then
+    ota_url "$1" >/dev/null || return 1   # starts the server in this shell
+    src=$(ota_url "$1")
+  fi
+  if ! out=$(ota_ssh "rauc install $src 2>&1; rc=\$?; rm -f /data/ota.raucb; exit \$rc"); then
+    ota_fail "rauc install $src failed: $(grep -v -e '^rauc-nbd' -e 'nbd ' <<<"$out" | tail -n5 | tr '\n' ' ')"
     return 1
   fi
-  ota_log "installed $(basename "$1"): $(tail -n1 <<<"$out")"
+  ota_log "installed $src: $(tail -n1 <<<"$out")"
 }
-# ota_expect_refused BUNDLE PATTERN: rauc install fails saying PATTERN, nothing changes
+# ota_expect_refused BUNDLE PATTERN: rauc install (from a URL) fails saying PATTERN, nothing changes
 ota_expect_refused() {
-  local bundle=$1 pattern=$2 before after out
+  local bundle=$1 pattern=$2 before after out url
   before=$(ota_snapshot) || { ota_fail "cannot read the guest's state"; return 1; }
-  ota_push "$bundle" /data/ota.raucb || { ota_fail "could not copy the bundle to the guest"; return 1; }
-  if out=$(ota_ssh "rauc install /data/ota.raucb 2>&1; rc=\$?; rm -f /data/ota.raucb; exit \$rc"); then
+  ota_url "$bundle" >/dev/null || return 1
+  url=$(ota_url "$bundle")
+  if out=$(ota_ssh "rauc install $url 2>&1"); then
     ota_fail "rauc install accepted $(basename "$bundle")"
     return 1
   fi
   grep -Eq -- "$pattern" <<<"$out" ||
-    { ota_fail "refused, but not saying '$pattern': $(tail -n3 <<<"$out" | tr '\n' ' ')"; return 1; }
+    { ota_fail "refused, but not saying '$pattern': $(grep -v -e '^rauc-nbd' -e 'nbd ' <<<"$out" | tail -n3 | tr '\n' ' ')"; return 1; }
   ota_log "refused: $(grep -E -- "$pattern" <<<"$out" | head -n1)"
   after=$(ota_snapshot)
   [ "$before" = "$after" ] ||
