@@ -7,7 +7,10 @@
 #   GUEST_SSH_PORT -> 22, GUEST_LEGACY_PORT -> 9001, GUEST_HTTP_PORT -> 9002
 #
 #   guest_prepare [DISK]      copy build/qemu/disk.img to DISK (default $GUEST_DIR/disk.img),
-#                             put the test key in /data/ssh/authorized_keys of the copy
+#                             put the test key in /data/ssh/authorized_keys of the copy, and
+#                             make the copy GUEST_GROW_MIB (256) bigger than the image
+#   guest_provision_key DISK PUBKEY
+#                             put PUBKEY into /data/ssh/authorized_keys of the image file DISK
 #   guest_start [DISK]        boot DISK (default: the prepared copy) in the background
 #   guest_wait_ssh [SECS]     wait until `ssh root@guest true` works (default 300 s)
 #   guest_ssh CMD...          run CMD (one shell string) in the guest as root; stdin is passed on.
@@ -60,18 +63,17 @@ guest_free_port() {
   python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
 }
 
-guest_prepare() {
-  local disk=${1:-$GUEST_DIR/disk.img} part
-  mkdir -p "$GUEST_DIR"
-  mkdir -p "$(dirname "$GUEST_KEY")"
-  [ -s "$GUEST_KEY" ] || ssh-keygen -q -t ed25519 -N '' -C powermeter-test -f "$GUEST_KEY"
+# guest_provision_key DISK PUBKEY: write PUBKEY as /data/ssh/authorized_keys (root, 0600) into
+# the data partition of the image file DISK (no mount needed: debugfs on a copy of the partition)
+guest_provision_key() {
+  local disk=$1 pub=$2 part
   guest_layout
-  cp --sparse=always "$GUEST_BUILD/disk.img" "$disk"
-  part=$(mktemp "$GUEST_DIR/data.XXXXXX")
+  part=$(mktemp "${TMPDIR:-/tmp}/powermeter-data.XXXXXX")
   dd if="$disk" of="$part" bs=1M skip="$GUEST_DATA_OFFSET_MIB" count="$GUEST_DATA_SIZE_MIB" status=none
   debugfs -w -f - "$part" >/dev/null 2>&1 <<EOF
 mkdir ssh
-write $GUEST_KEY.pub ssh/authorized_keys
+rm ssh/authorized_keys
+write $pub ssh/authorized_keys
 set_inode_field ssh mode 040700
 set_inode_field ssh uid 0
 set_inode_field ssh gid 0
@@ -79,10 +81,21 @@ set_inode_field ssh/authorized_keys mode 0100600
 set_inode_field ssh/authorized_keys uid 0
 set_inode_field ssh/authorized_keys gid 0
 EOF
-  debugfs -R 'cat ssh/authorized_keys' "$part" 2>/dev/null | grep -q powermeter-test ||
-    { rm -f "$part"; echo "guest_prepare: could not write the key into the data partition" >&2; return 1; }
+  if ! debugfs -R 'cat ssh/authorized_keys' "$part" 2>/dev/null | cmp -s - "$pub"; then
+    rm -f "$part"; echo "could not write the key into the data partition of $disk" >&2; return 1
+  fi
   dd if="$part" of="$disk" bs=1M seek="$GUEST_DATA_OFFSET_MIB" conv=notrunc,sparse status=none
   rm -f "$part"
+}
+
+guest_prepare() {
+  local disk=${1:-$GUEST_DIR/disk.img}
+  mkdir -p "$GUEST_DIR" "$(dirname "$GUEST_KEY")"
+  [ -s "$GUEST_KEY" ] || ssh-keygen -q -t ed25519 -N '' -C powermeter-test -f "$GUEST_KEY"
+  cp --sparse=always "$GUEST_BUILD/disk.img" "$disk"
+  guest_provision_key "$disk" "$GUEST_KEY.pub" || return 1
+  # a bigger "card" than the image: the data partition grows to it at first boot
+  truncate -s "+${GUEST_GROW_MIB:-256}M" "$disk"
   GUEST_DISK=$disk
   GUEST_VARS=${disk%.img}.vars.fd
   cp "$GUEST_BUILD/OVMF_VARS.fd" "$GUEST_VARS"
