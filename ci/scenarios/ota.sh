@@ -273,7 +273,8 @@ ota_expect_refused() {
   before=$(ota_snapshot) || { ota_fail "cannot read the guest's state"; return 1; }
   ota_url "$bundle" >/dev/null || return 1
   url=$(ota_url "$bundle")
-  if out=$(ota_ssh "rauc install $url 2>&1"); then
+  # what the client prints, then what rauc.service logged for it (handler output)
+  if out=$(ota_ssh "t=\$(date +%s); rauc install $url 2>&1; rc=\$?; journalctl -u rauc --since @\$t --no-pager -o cat | grep -v -e nbd -e '^rauc-'; exit \$rc"); then
     ota_fail "rauc install accepted $(basename "$bundle")"
     return 1
   fi
