@@ -105,7 +105,7 @@ guest_prepare() {
 guest_qemu() {
   local disk=$1 vars=$2 serial=$3
   shift 3
-  qemu-system-x86_64 -machine q35 -accel "$GUEST_ACCEL" -smp "$GUEST_SMP" -m "$GUEST_MEM" \
+  qemu-system-x86_64 -nodefaults -machine q35 -accel "$GUEST_ACCEL" -smp "$GUEST_SMP" -m "$GUEST_MEM" \
     -drive if=pflash,format=raw,unit=0,readonly=on,file="$GUEST_OVMF_CODE" \
     -drive if=pflash,format=raw,unit=1,file="$vars" \
     -drive if=none,id=disk0,format=raw,file="$disk" \
@@ -150,7 +150,8 @@ guest_ssh_once() {
 
 guest_ssh() {
   local rc deadline=$((SECONDS + 60)) input=''
-  if [ ! -t 0 ]; then
+  # stdin is passed on (buffered, for the retries) unless it is a terminal or /dev/null
+  if [ ! -t 0 ] && ! [ /dev/stdin -ef /dev/null ]; then
     input=$(mktemp "$GUEST_DIR/stdin.XXXXXX"); cat > "$input"
   fi
   while :; do
