@@ -236,14 +236,16 @@ ota_wait_good() {
 # The guest fetches bundles from a web server on the host: `rauc install http://...` streams
 # them (HTTP range requests into dm-verity), so no copy needs room on /data.
 OTA_HOST_ADDR=${OTA_HOST_ADDR:-10.0.2.2}   # the host as qemu's user network shows it
-ota_url() { # BUNDLE -> URL (serves it from $OTA_CACHE/www)
+# ota_serve BUNDLE: serve it from $OTA_CACHE/www (starts the server in this shell, never in a
+# $(...) subshell, so ota_http_stop can end it); then ota_url BUNDLE prints its URL.
+ota_serve() {
   mkdir -p "$OTA_CACHE/www"
   ln -sf "$1" "$OTA_CACHE/www/$(basename "$1")"
   if [ -z "$OTA_HTTP_PID" ] || ! kill -0 "$OTA_HTTP_PID" 2>/dev/null; then
     ota_http_start "$OTA_CACHE/www" || return 1
   fi
-  echo "http://$OTA_HOST_ADDR:$OTA_HTTP_PORT/$(basename "$1")"
 }
+ota_url() { echo "http://$OTA_HOST_ADDR:$OTA_HTTP_PORT/$(basename "$1")"; }
 # ota_install_ok BUNDLE [url|file]: install it (file: copied to /data first, when there is room)
 ota_install_ok() {
   local out how=${2:-url} src free
@@ -258,7 +260,7 @@ ota_install_ok() {
     fi
   fi
   if [ "$how" = url ]; then
-    ota_url "$1" >/dev/null || return 1   # starts the server in this shell
+    ota_serve "$1" || return 1
     src=$(ota_url "$1")
   fi
   if ! out=$(ota_ssh "rauc install $src 2>&1; rc=\$?; rm -f /data/ota.raucb; exit \$rc"); then
@@ -271,7 +273,7 @@ ota_install_ok() {
 ota_expect_refused() {
   local bundle=$1 pattern=$2 before after out url
   before=$(ota_snapshot) || { ota_fail "cannot read the guest's state"; return 1; }
-  ota_url "$bundle" >/dev/null || return 1
+  ota_serve "$bundle" || return 1
   url=$(ota_url "$bundle")
   # what the client prints, then what rauc.service logged for it (handler output)
   if out=$(ota_ssh "t=\$(date +%s); rauc install $url 2>&1; rc=\$?; journalctl -u rauc --since @\$t --no-pager -o cat | grep -v -e nbd -e '^rauc-'; exit \$rc"); then
