@@ -1,7 +1,7 @@
 SUMMARY = "powermeter appliance: SD card / disk image"
-DESCRIPTION = "Read-only squashfs root under dm-verity in A/B slots updated by RAUC, a \
-writable data partition, systemd with the hardware watchdog armed, powermeterd. No root \
-password, no SSH."
+DESCRIPTION = "Read-only squashfs root under dm-verity in A/B slots updated by RAUC, a writable data partition, systemd with the hardware watchdog armed, powermeterd. No root password, no SSH."
+HOMEPAGE = "https://example.invalid/powermeter"
+SECTION = "images"
 LICENSE = "MIT"
 
 inherit core-image
@@ -11,7 +11,7 @@ inherit core-image
 # before PID 1, and carries the /etc overlay (machine-id, network).
 IMAGE_FEATURES = "read-only-rootfs overlayfs-etc"
 
-IMAGE_INSTALL = " \
+IMAGE_INSTALL = "\
     packagegroup-core-boot \
     kernel-image \
     powermeter \
@@ -21,10 +21,12 @@ IMAGE_INSTALL = " \
 "
 IMAGE_LINGUAS = ""
 
-# Root file system: squashfs + dm-verity hash tree (classes/powermeter-verity.bbclass),
+# Root file system: squashfs + dm-verity hash tree (classes/powermeter_verity.bbclass),
 # written into slot A of the wic image and into every bundle.
 IMAGE_FSTYPES = "squashfs.verity wic wic.bmap"
-IMAGE_TYPEDEP:wic += "squashfs.verity"
+# nooelint: oelint.vars.specific
+IMAGE_TYPEDEP:wic = "squashfs.verity"
+# nooelint: oelint.vars.mispell.unknown
 do_image_squashfs[file-checksums] += "${POWERMETER_LAYERDIR}/scripts/powermeter-verity:True"
 
 POWERMETER_SLOT_SIZE ?= "768M"
@@ -34,6 +36,3 @@ WKS_FILE_DEPENDS:append = " ${@'grub-efi' if d.getVar('POWERMETER_BOOTLOADER') =
 # First boot: slot A's verity settings on the boot partition.
 IMAGE_EFI_BOOT_FILES:append = " ${@'${IMGDEPLOYDIR}/${IMAGE_LINK_NAME}.squashfs.bootenv;EFI/BOOT/grubenv' if d.getVar('POWERMETER_BOOTLOADER') == 'grub' else ''}"
 IMAGE_BOOT_FILES:append = " ${@'${IMGDEPLOYDIR}/${IMAGE_LINK_NAME}.squashfs.bootenv;powermeter-bootenv.txt' if d.getVar('POWERMETER_BOOTLOADER') == 'uboot' else ''}"
-
-# A fixed hostname; the per-device one can be set on the /etc overlay.
-hostname:pn-base-files = "powermeter"

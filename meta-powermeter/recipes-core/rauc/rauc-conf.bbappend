@@ -2,7 +2,7 @@
 # POWERMETER_PART), compatible powermeter-<machine>, and the keyring from RAUC_KEYRING_FILE
 # (set in local.conf or kas, see meta-powermeter/README.md; never committed) installed as
 # /usr/lib/rauc/keyring.pem.
-FILESEXTRAPATHS:prepend := "${THISDIR}/files:"
+FILESEXTRAPATHS:prepend:powermeter-os := "${THISDIR}/files:"
 
 SRC_URI:append:powermeter-os = " file://system-${POWERMETER_BOOTLOADER}.conf.in"
 

@@ -1,11 +1,9 @@
 SUMMARY = "Electricity meter pulse counter daemon"
-DESCRIPTION = "powermeterd counts the pulses of an electricity meter on a GPIO line, \
-keeps the counter across reboots, answers the old port 9001 protocol and serves \
-Prometheus metrics and a health check over HTTP."
+DESCRIPTION = "powermeterd counts the pulses of an electricity meter on a GPIO line, keeps the counter across reboots, answers the old port 9001 protocol and serves Prometheus metrics and a health check over HTTP."
 HOMEPAGE = "https://example.invalid/powermeter"
 SECTION = "console/utils"
 LICENSE = "MIT | Apache-2.0"
-LIC_FILES_CHKSUM = " \
+LIC_FILES_CHKSUM = "\
     file://${COMMON_LICENSE_DIR}/MIT;md5=0835ade698e0bcf8506ecda2f7b4f302 \
     file://${COMMON_LICENSE_DIR}/Apache-2.0;md5=89aea4e17d99a7cacdbeed46a0096b10 \
 "
@@ -21,12 +19,13 @@ PV = "0.1.0+git"
 POWERMETER_SRCDIR ??= "${@os.path.dirname(d.getVar('POWERMETER_LAYERDIR'))}"
 POWERMETER_GIT_URI ??= ""
 
-SRC_URI = " \
+# The crates of Cargo.lock (generated: meta-powermeter/scripts/gen-crates-inc), then the
+# source (empty with externalsrc) and the default configuration.
+require ${BPN}-crates.inc
+SRC_URI += "\
     ${POWERMETER_GIT_URI} \
     file://powermeter.toml \
 "
-
-require ${BPN}-crates.inc
 
 inherit cargo cargo-update-recipe-crates systemd useradd
 inherit_defer ${@'externalsrc' if not d.getVar('POWERMETER_GIT_URI') else ''}
@@ -71,7 +70,7 @@ do_install:append() {
     install -m 0644 ${UNPACKDIR}/powermeter.toml ${D}${sysconfdir}/powermeter/powermeter.toml
 }
 
-FILES:${PN} += " \
+FILES:${PN} += "\
     ${nonarch_libdir}/sysusers.d \
     ${nonarch_libdir}/tmpfiles.d \
     ${nonarch_base_libdir}/udev/rules.d \

@@ -13,8 +13,10 @@ CONVERSIONTYPES:append = " verity"
 POWERMETER_VERITY_TOOL = "${POWERMETER_LAYERDIR}/scripts/powermeter-verity"
 POWERMETER_BOOTLOADER ??= "grub"
 
+# nooelint: oelint.vars.specific
 CONVERSION_CMD:verity = "powermeter_verity_convert ${IMAGE_NAME}.${type} ${IMAGE_LINK_NAME}.${type}"
 
+powermeter_verity_convert[doc] = "Appends the dm-verity hash tree to an image and writes its settings"
 powermeter_verity_convert() {
     in="$1"
     link="$2"
@@ -27,6 +29,3 @@ powermeter_verity_convert() {
         done
     fi
 }
-
-# The tool is part of the task's inputs.
-POWERMETER_VERITY_CHECKSUMS = "${POWERMETER_VERITY_TOOL}:True"

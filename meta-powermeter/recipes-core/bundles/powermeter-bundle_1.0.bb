@@ -1,6 +1,7 @@
 SUMMARY = "powermeter appliance: signed RAUC update bundle (verity format)"
-DESCRIPTION = "The root file system of powermeter-image (squashfs + dm-verity hash tree) \
-for the inactive A/B slot, with the hook that hands its verity root hash to the bootloader."
+DESCRIPTION = "The root file system of powermeter-image (squashfs + dm-verity hash tree) for the inactive A/B slot, with the hook that hands its verity root hash to the bootloader."
+HOMEPAGE = "https://example.invalid/powermeter"
+SECTION = "images"
 LICENSE = "MIT"
 
 inherit bundle
@@ -23,6 +24,7 @@ RAUC_BUNDLE_EXTRA_DEPENDS += "powermeter-image:do_image_complete"
 RAUC_BUNDLE_EXTRA_FILES += "rootfs.verity rootfs.roothash"
 
 do_configure[prefuncs] += "powermeter_bundle_verity_files"
+powermeter_bundle_verity_files[doc] = "Copies the image's verity settings into the bundle as rootfs.verity and rootfs.roothash"
 python powermeter_bundle_verity_files() {
     import shutil
     base = "powermeter-image%s%s.squashfs" % (d.getVar('IMAGE_MACHINE_SUFFIX'), d.getVar('IMAGE_NAME_SUFFIX'))

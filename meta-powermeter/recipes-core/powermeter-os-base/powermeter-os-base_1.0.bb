@@ -1,11 +1,11 @@
-SUMMARY = "powermeter-os system settings: data partition, overlays, watchdog, journal, A/B mark-good"
-DESCRIPTION = "Grows the data partition at first boot, keeps /var/lib and /var/log on it, \
-arms the hardware watchdog, caps the persistent journal and marks the booted RAUC slot \
-good once powermeter.service is ready and healthy."
+SUMMARY = "powermeter-os settings: data partition, overlays, watchdog, journal, mark-good"
+DESCRIPTION = "Grows the data partition at first boot, keeps /var/lib and /var/log on it, arms the hardware watchdog, caps the persistent journal and marks the booted RAUC slot good once powermeter.service is ready and healthy."
+HOMEPAGE = "https://example.invalid/powermeter"
+SECTION = "base"
 LICENSE = "MIT"
 LIC_FILES_CHKSUM = "file://${COMMON_LICENSE_DIR}/MIT;md5=0835ade698e0bcf8506ecda2f7b4f302"
 
-SRC_URI = " \
+SRC_URI = "\
     file://50-powermeter-journal.conf \
     file://50-powermeter-watchdog.conf \
     file://boot.mount \
@@ -18,6 +18,9 @@ SRC_URI = " \
 S = "${UNPACKDIR}"
 
 inherit systemd overlayfs
+
+# Depends on the machine's bootloader.
+PACKAGE_ARCH = "${MACHINE_ARCH}"
 
 # Writable, persistent on /data (mounted before PID 1 by overlayfs-etc's preinit):
 # the daemon's state (/var/lib/private/powermeter), RAUC's, and the journal.
@@ -38,14 +41,14 @@ do_install() {
     install -d ${D}/data ${D}/boot
 }
 
-FILES:${PN} += " \
+FILES:${PN} += "\
     ${systemd_unitdir}/system.conf.d \
     ${systemd_unitdir}/journald.conf.d \
     /data \
     /boot \
 "
 
-RDEPENDS:${PN} = " \
+RDEPENDS:${PN} = "\
     bash \
     curl \
     e2fsprogs-resize2fs \
@@ -54,6 +57,3 @@ RDEPENDS:${PN} = " \
     util-linux-sfdisk \
 "
 RDEPENDS:${PN}:append = " ${@'grub-editenv' if d.getVar('POWERMETER_BOOTLOADER') == 'grub' else 'libubootenv-bin'}"
-
-# Depends on the machine's bootloader.
-PACKAGE_ARCH = "${MACHINE_ARCH}"
