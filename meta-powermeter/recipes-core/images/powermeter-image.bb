@@ -20,6 +20,9 @@ IMAGE_INSTALL = "\
     ${CORE_IMAGE_EXTRA_INSTALL} \
 "
 IMAGE_LINGUAS = ""
+# meta-rauc's rauc-mark-good marks every boot good at once; powermeter-os-base's
+# powermeter-mark-good does it only when powermeter is ready and healthy.
+BAD_RECOMMENDATIONS += "rauc-mark-good"
 
 # Root file system: squashfs + dm-verity hash tree (classes/powermeter_verity.bbclass),
 # written into slot A of the wic image and into every bundle.

@@ -56,4 +56,4 @@ RDEPENDS:${PN} = "\
     util-linux-partx \
     util-linux-sfdisk \
 "
-RDEPENDS:${PN}:append = " ${@'grub-editenv' if d.getVar('POWERMETER_BOOTLOADER') == 'grub' else 'libubootenv-bin'}"
+RDEPENDS:${PN}:append = " ${@'grub-editenv' if d.getVar('POWERMETER_BOOTLOADER') == 'grub' else 'libubootenv-bin u-boot-env'}"
