@@ -542,6 +542,18 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        /// Whatever the text, parsing returns a config or an error with a position inside it.
+        #[test]
+        fn any_text_is_parsed_or_located(text in "[\\[\\]a-z_.=\" 0-9\n-]{0,200}") {
+            if let Err(e) = parse(Path::new("f.toml"), &text) {
+                let lines = text.split('\n').count().max(1);
+                proptest::prop_assert!(e.line >= 1 && e.line <= lines, "{e} for {text:?}");
+                proptest::prop_assert!(e.column >= 1);
+            }
+        }
+    }
+
     #[test]
     fn empty_listen_lists_disable() {
         let c = parse(

@@ -338,6 +338,16 @@ mod tests {
         assert!(bytes.contains("Content-Length: 3\r\n") && bytes.ends_with("\r\n\r\n"));
     }
 
+    proptest::proptest! {
+        #[test]
+        fn any_bytes_parse_or_are_rejected_without_panic(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512)) {
+            if let Some(r) = parse_head(&bytes) {
+                proptest::prop_assert!(r.path.starts_with('/'));
+            }
+            let _ = find_end(&bytes);
+        }
+    }
+
     #[test]
     fn head_end_detection() {
         assert_eq!(find_end(b"GET / HTTP/1.1\r\n\r\nrest"), Some(18));

@@ -181,23 +181,7 @@ fn socket_activation_uses_passed_sockets_instead_of_binding() {
             Ok(())
         });
     }
-    let child = cmd.spawn().unwrap();
-    let d = Daemon {
-        child,
-        legacy: lp,
-        http: hp,
-    };
-    d.wait_ready();
-    wait_until("http on the passed socket", Duration::from_secs(5), || {
-        d.get("/health").0 == 200
-    });
-    assert!(d.legacy_raw().iter().all(u8::is_ascii_digit));
-    // The configured addresses were not bound.
-    assert!(std::net::TcpStream::connect(("127.0.0.1", s.legacy)).is_err());
-    assert!(std::net::TcpStream::connect(("127.0.0.1", s.http)).is_err());
-    let (st, err) = d.stop();
-    assert!(st.success(), "{err}");
-    assert!(err.contains("using socket passed by systemd"), "{err}");
+    expect_passed_sockets_used(&s, cmd, lp, hp);
 }
 
 #[test]
@@ -244,6 +228,12 @@ fn socket_activation_by_systemd_socket_activate() {
         .arg(s.config())
         .env_remove("NOTIFY_SOCKET")
         .stderr(std::process::Stdio::piped());
+    expect_passed_sockets_used(&s, cmd, lp, hp);
+}
+
+/// Runs `cmd` (which passes listening sockets on ports `lp`/`hp`) and checks that the daemon
+/// serves on them, leaves the configured addresses unbound, and stops cleanly.
+fn expect_passed_sockets_used(s: &Setup, mut cmd: Command, lp: u16, hp: u16) {
     let child = cmd.spawn().unwrap();
     let d = Daemon {
         child,
@@ -251,11 +241,12 @@ fn socket_activation_by_systemd_socket_activate() {
         http: hp,
     };
     d.wait_ready();
-    wait_until("http", Duration::from_secs(10), || {
+    wait_until("http on the passed socket", Duration::from_secs(10), || {
         d.get("/health").0 == 200
     });
     assert!(d.legacy_raw().iter().all(u8::is_ascii_digit));
     assert!(std::net::TcpStream::connect(("127.0.0.1", s.legacy)).is_err());
+    assert!(std::net::TcpStream::connect(("127.0.0.1", s.http)).is_err());
     let (st, err) = d.stop();
     assert!(st.success(), "{err}");
     assert!(err.contains("using socket passed by systemd"), "{err}");
