@@ -1,0 +1,41 @@
+SUMMARY = "powermeter appliance: SD card / disk image"
+DESCRIPTION = "Read-only squashfs root under dm-verity in A/B slots updated by RAUC, a writable data partition, systemd with the hardware watchdog armed, powermeterd. No root password, no SSH."
+HOMEPAGE = "https://example.invalid/powermeter"
+SECTION = "images"
+LICENSE = "MIT"
+
+inherit core-image
+
+# No debug-tweaks, empty-root-password or ssh-server-*: root's password stays locked and
+# nothing listens but powermeter's sockets. /data is mounted by overlayfs-etc's preinit,
+# before PID 1, and carries the /etc overlay (machine-id, network).
+IMAGE_FEATURES = "read-only-rootfs overlayfs-etc"
+
+IMAGE_INSTALL = "\
+    packagegroup-core-boot \
+    kernel-image \
+    powermeter \
+    powermeter-os-base \
+    rauc \
+    ${CORE_IMAGE_EXTRA_INSTALL} \
+"
+IMAGE_LINGUAS = ""
+# meta-rauc's rauc-mark-good marks every boot good at once; powermeter-os-base's
+# powermeter-mark-good does it only when powermeter is ready and healthy.
+BAD_RECOMMENDATIONS += "rauc-mark-good"
+
+# Root file system: squashfs + dm-verity hash tree (classes/powermeter_verity.bbclass),
+# written into slot A of the wic image and into every bundle.
+IMAGE_FSTYPES = "squashfs.verity wic wic.bmap"
+# nooelint: oelint.vars.specific
+IMAGE_TYPEDEP:wic = "squashfs.verity"
+# nooelint: oelint.vars.mispell.unknown
+do_image_squashfs[file-checksums] += "${POWERMETER_LAYERDIR}/scripts/powermeter-verity:True"
+
+POWERMETER_SLOT_SIZE ?= "768M"
+POWERMETER_DATA_SIZE ?= "128M"
+WKS_FILE_DEPENDS:append = " ${@'grub-efi' if d.getVar('POWERMETER_BOOTLOADER') == 'grub' else ''}"
+
+# First boot: slot A's verity settings on the boot partition.
+IMAGE_EFI_BOOT_FILES:append = " ${@'${IMGDEPLOYDIR}/${IMAGE_LINK_NAME}.squashfs.bootenv;EFI/BOOT/grubenv' if d.getVar('POWERMETER_BOOTLOADER') == 'grub' else ''}"
+IMAGE_BOOT_FILES:append = " ${@'${IMGDEPLOYDIR}/${IMAGE_LINK_NAME}.squashfs.bootenv;powermeter-bootenv.txt' if d.getVar('POWERMETER_BOOTLOADER') == 'uboot' else ''}"

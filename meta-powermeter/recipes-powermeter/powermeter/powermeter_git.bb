@@ -1,0 +1,78 @@
+SUMMARY = "Electricity meter pulse counter daemon"
+DESCRIPTION = "powermeterd counts the pulses of an electricity meter on a GPIO line, keeps the counter across reboots, answers the old port 9001 protocol and serves Prometheus metrics and a health check over HTTP."
+HOMEPAGE = "https://example.invalid/powermeter"
+SECTION = "console/utils"
+LICENSE = "MIT | Apache-2.0"
+LIC_FILES_CHKSUM = "\
+    file://${COMMON_LICENSE_DIR}/MIT;md5=0835ade698e0bcf8506ecda2f7b4f302 \
+    file://${COMMON_LICENSE_DIR}/Apache-2.0;md5=89aea4e17d99a7cacdbeed46a0096b10 \
+"
+
+PV = "0.1.0+git"
+
+# Source: by default the repository this layer sits in (meta-powermeter/..), through
+# externalsrc, so that the daemon, its units and Cargo.lock are those of the same checkout
+# as powermeter-crates.inc. POWERMETER_SRCDIR points elsewhere (another checkout).
+# For a build from a published commit instead, set in local.conf (README.md):
+#   POWERMETER_GIT_URI = "git://HOST/PATH.git;protocol=https;branch=main"
+#   SRCREV:pn-powermeter = "<commit>"
+POWERMETER_SRCDIR ??= "${@os.path.dirname(d.getVar('POWERMETER_LAYERDIR'))}"
+POWERMETER_GIT_URI ??= ""
+
+# The crates of Cargo.lock (generated: meta-powermeter/scripts/gen-crates-inc), then the
+# source (empty with externalsrc) and the default configuration.
+require ${BPN}-crates.inc
+SRC_URI += "\
+    ${POWERMETER_GIT_URI} \
+    file://powermeter.toml \
+"
+
+inherit cargo cargo-update-recipe-crates systemd useradd
+inherit_defer ${@'externalsrc' if not d.getVar('POWERMETER_GIT_URI') else ''}
+
+EXTERNALSRC ?= "${POWERMETER_SRCDIR}"
+EXTERNALSRC_BUILD ?= "${WORKDIR}/build"
+
+# The cargo workspace is at the top of the repository; the package is app/ (powermeterd).
+CARGO_SRC_DIR = ""
+CARGO_LOCK_SRC_DIR = "${S}"
+
+# Cargo features: "gpio" (gpiocdev, the default) and "rppal" (Raspberry Pi only).
+PACKAGECONFIG ??= ""
+PACKAGECONFIG[rppal] = "--features rppal"
+
+# Group of the GPIO character devices (app/systemd/udev); powermeter.service joins it.
+USERADD_PACKAGES = "${PN}"
+GROUPADD_PARAM:${PN} = "--system gpio"
+
+SYSTEMD_SERVICE:${PN} = "powermeter.socket powermeter-http.socket powermeter.service"
+SYSTEMD_AUTO_ENABLE:${PN} = "enable"
+
+do_install:append() {
+    # Every unit, sysusers and udev file of app/systemd/, unchanged: the same files in every image.
+    install -d ${D}${systemd_system_unitdir}
+    for f in ${S}/app/systemd/*.service ${S}/app/systemd/*.socket; do
+        install -m 0644 "$f" ${D}${systemd_system_unitdir}/
+    done
+    if ls ${S}/app/systemd/sysusers.d/*.conf >/dev/null 2>&1; then
+        install -d ${D}${nonarch_libdir}/sysusers.d
+        install -m 0644 ${S}/app/systemd/sysusers.d/*.conf ${D}${nonarch_libdir}/sysusers.d/
+    fi
+    if ls ${S}/app/systemd/tmpfiles.d/*.conf >/dev/null 2>&1; then
+        install -d ${D}${nonarch_libdir}/tmpfiles.d
+        install -m 0644 ${S}/app/systemd/tmpfiles.d/*.conf ${D}${nonarch_libdir}/tmpfiles.d/
+    fi
+    if ls ${S}/app/systemd/udev/*.rules >/dev/null 2>&1; then
+        install -d ${D}${nonarch_base_libdir}/udev/rules.d
+        install -m 0644 ${S}/app/systemd/udev/*.rules ${D}${nonarch_base_libdir}/udev/rules.d/
+    fi
+    install -d ${D}${sysconfdir}/powermeter
+    install -m 0644 ${UNPACKDIR}/powermeter.toml ${D}${sysconfdir}/powermeter/powermeter.toml
+}
+
+FILES:${PN} += "\
+    ${nonarch_libdir}/sysusers.d \
+    ${nonarch_libdir}/tmpfiles.d \
+    ${nonarch_base_libdir}/udev/rules.d \
+"
+CONFFILES:${PN} = "${sysconfdir}/powermeter/powermeter.toml"
