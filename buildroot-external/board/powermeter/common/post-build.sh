@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Buildroot post-build script of the powermeter appliance (BR2_ROOTFS_POST_BUILD_SCRIPT):
+#   post-build.sh TARGET_DIR BOARD_DIR
+# Installs the board's RAUC system.conf, the RAUC pre-install handler, the keyring, the image
+# version in os-release, the mount points of fstab, and an empty /etc/machine-id (read-only
+# root: systemd then uses a transient one).
+#
+# Keyring: $POWERMETER_KEYRING (CA certificates + CRLs, PEM), else the development keyring that
+# signing/dev-pki makes in the repository's build/ (run here when missing). Never a private key.
+# Version: $POWERMETER_IMAGE_VERSION, else <crate version>-<git commit> of the repository.
+set -euo pipefail
+
+target=${1:?usage: post-build.sh TARGET_DIR BOARD_DIR}
+board=${2:?usage: post-build.sh TARGET_DIR BOARD_DIR}
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+repo=$(cd "$here/../../../.." && pwd)
+build=${POWERMETER_BUILD_DIR:-$repo/build}
+
+die() { echo "post-build.sh: $*" >&2; exit 1; }
+[ -f "$board/system.conf" ] || die "$board/system.conf not found"
+
+install -D -m 0644 "$board/system.conf" "$target/etc/rauc/system.conf"
+install -D -m 0755 "$here/rauc/pre-install" "$target/usr/lib/rauc/pre-install"
+
+keyring=${POWERMETER_KEYRING:-}
+if [ -z "$keyring" ]; then
+  keyring=$build/qemu/keyring/ca.cert.pem
+  if [ ! -s "$keyring" ] && [ -x "$repo/signing/dev-pki" ]; then
+    POWERMETER_BUILD_DIR=$build "$repo/signing/dev-pki" >/dev/null
+  fi
+fi
+[ -s "$keyring" ] || die "no keyring at $keyring (run signing/dev-pki or set POWERMETER_KEYRING)"
+if grep -q 'PRIVATE KEY' "$keyring"; then
+  die "$keyring holds a private key: the keyring must hold certificates and CRLs only"
+fi
+install -D -m 0644 "$keyring" "$target/etc/rauc/keyring.pem"
+
+compatible=$(sed -n 's/^compatible=//p' "$board/system.conf")
+crate_version=$(sed -n 's/^version *= *"\(.*\)"/\1/p' "$repo/Cargo.toml" | head -n1)
+commit=$(git -C "$repo" rev-parse --short HEAD 2>/dev/null || echo unknown)
+version=${POWERMETER_IMAGE_VERSION:-${crate_version:-0}-$commit}
+[[ $version =~ ^[A-Za-z0-9._+~-]+$ ]] || die "image version '$version' has characters a file name should not"
+osr=$target/usr/lib/os-release
+sed -i '/^IMAGE_ID=/d; /^IMAGE_VERSION=/d' "$osr"
+printf 'IMAGE_ID=%s\nIMAGE_VERSION=%s\n' "$compatible" "$version" >> "$osr"
+echo "$version" > "$target/etc/powermeter-image-version"
+
+# every mount point of fstab exists in the read-only root
+awk '$1 !~ /^#/ && $2 ~ /^\// { print $2 }' "$target/etc/fstab" | while read -r mp; do
+  mkdir -p "$target$mp"
+done
+
+# per-device identity: nothing in the shared image
+rm -f "$target/var/lib/dbus/machine-id"
+: > "$target/etc/machine-id"
