@@ -11,7 +11,7 @@
 # published: build from a checkout with POWERMETER_OVERRIDE_SRCDIR (see
 # buildroot-external/README.md).
 POWERMETER_VERSION = 0.1.0
-POWERMETER_SOURCE = powermeter-$(POWERMETER_VERSION).tar.gz
+POWERMETER_SOURCE = powermeter-$(POWERMETER_VERSION)-vendored.tar.gz
 POWERMETER_SITE = https://example.invalid/powermeter/releases/download/v$(POWERMETER_VERSION)
 POWERMETER_LICENSE = MIT or Apache-2.0
 
