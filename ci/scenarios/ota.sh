@@ -246,6 +246,18 @@ ota_serve() {
   fi
 }
 ota_url() { echo "http://$OTA_HOST_ADDR:$OTA_HTTP_PORT/$(basename "$1")"; }
+# RAUC before 1.15 races udev when it sets up the nbd device of a streamed bundle: the device
+# is created with NBD_CFLAG_DISCONNECT_ON_CLOSE, udev opens and closes it for probing before
+# RAUC has opened it, the kernel disconnects it, and mounting the bundle fails with E2BIG from
+# dm-verity ("Hash device is too small"). Fixed upstream in rauc commit cfe93c93 (1.15);
+# trixie ships 1.13. Nothing is touched by then, so such an install is retried once, and the
+# retry is logged (images/qemu/rauc/README.md, "Known issues").
+OTA_NBD_RACE='Failed mounting bundle: Failed to load dm table: Argument list too long'
+# ota_nbd_race OUTPUT: true when OUTPUT is that failure (and says so in the log)
+ota_nbd_race() {
+  grep -qF "$OTA_NBD_RACE" <<<"$1" || return 1
+  ota_log "RAUC < 1.15 nbd/udev race while mounting the streamed bundle (rauc commit cfe93c93): retrying once"
+}
 # ota_install_ok BUNDLE [url|file]: install it (file: copied to /data first, when there is room)
 ota_install_ok() {
   local out how=${2:-url} src free
@@ -263,10 +275,13 @@ ota_install_ok() {
     ota_serve "$1" || return 1
     src=$(ota_url "$1")
   fi
-  if ! out=$(ota_ssh "rauc install $src 2>&1; rc=\$?; rm -f /data/ota.raucb; exit \$rc"); then
+  local try
+  for try in 1 2; do
+    out=$(ota_ssh "rauc install $src 2>&1; rc=\$?; rm -f /data/ota.raucb; exit \$rc") && break
+    if [ "$try" = 1 ] && ota_nbd_race "$out"; then continue; fi
     ota_fail "rauc install $src failed: $(grep -v -e '^rauc-nbd' -e 'nbd ' <<<"$out" | tail -n5 | tr '\n' ' ')"
     return 1
-  fi
+  done
   ota_log "installed $src: $(tail -n1 <<<"$out")"
 }
 # ota_expect_refused BUNDLE PATTERN: rauc install (from a URL) fails saying PATTERN, nothing changes
@@ -276,7 +291,14 @@ ota_expect_refused() {
   ota_serve "$bundle" || return 1
   url=$(ota_url "$bundle")
   # what the client prints, then what rauc.service logged for it (handler output)
-  if out=$(ota_ssh "t=\$(date +%s); rauc install $url 2>&1; rc=\$?; journalctl -u rauc --since @\$t --no-pager -o cat | grep -v -e nbd -e '^rauc-'; exit \$rc"); then
+  local cmd="t=\$(date +%s); rauc install $url 2>&1; rc=\$?; journalctl -u rauc --since @\$t --no-pager -o cat | grep -v -e nbd -e '^rauc-'; exit \$rc"
+  local rc=0
+  out=$(ota_ssh "$cmd") || rc=$?
+  if [ "$rc" != 0 ] && ota_nbd_race "$out"; then
+    rc=0
+    out=$(ota_ssh "$cmd") || rc=$?
+  fi
+  if [ "$rc" = 0 ]; then
     ota_fail "rauc install accepted $(basename "$bundle")"
     return 1
   fi
@@ -371,8 +393,9 @@ scenario_ota-rollback-unhealthy() {
   b=$(ota_bundle "$(ota_base_version)+unhealthy" unhealthy) || return 1
   ota_install_ok "$b" || return 1
   ota_reboot || true   # the guest may come up on the trial slot first
-  # 3 trial boots of $new (each: boot + up to 60 s waiting for /health), then $old
-  ota_wait_good "$old" 900 || return 1
+  # 3 trial boots of $new (each: boot + up to 60 s waiting for /health), then $old; a CI run
+  # once needed ~870 s for these four boots under TCG, hence the margin
+  ota_wait_good "$old" 1500 || return 1
   [ "$(ota_version)" = "$oldv" ] || { ota_fail "running '$(ota_version)', expected the old '$oldv'"; return 1; }
   [ "$(ota_env_get "${new}_OK")" = 0 ] ||
     { ota_fail "the failed slot $new is not marked bad: $(ota_env | tr '\n' ' ')"; return 1; }
