@@ -5,7 +5,8 @@
 //! - CPU time of the daemon per 1 million simulated pulses, and of the counting core alone.
 //!
 //! Environment: `BENCH_SECONDS` (load duration, default 5), `BENCH_CLIENTS` (default 32),
-//! `BENCH_CLIENT_THREADS` (default 2).
+//! `BENCH_CLIENT_MODE` (`tasks`, default: tokio tasks on `BENCH_CLIENT_THREADS` threads,
+//! default 2; `threads`: one blocking OS thread per client).
 
 use std::io::Read;
 use std::net::{TcpListener, TcpStream};
@@ -104,6 +105,67 @@ fn env_num(name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
+/// One client on its own thread with blocking sockets: latencies in microseconds, errors.
+fn blocking_client(port: u16, stop_at: Instant) -> (Vec<u32>, u64) {
+    let mut lat = Vec::with_capacity(200_000);
+    let mut errors = 0u64;
+    let mut buf = Vec::with_capacity(32);
+    while Instant::now() < stop_at {
+        let t = Instant::now();
+        buf.clear();
+        match TcpStream::connect(("127.0.0.1", port)) {
+            Ok(mut s) => match s.read_to_end(&mut buf) {
+                Ok(n) if n > 0 => {}
+                _ => errors += 1,
+            },
+            Err(_) => errors += 1,
+        }
+        lat.push(t.elapsed().as_micros() as u32);
+    }
+    (lat, errors)
+}
+
+/// `n` clients as tokio tasks on one current-thread runtime: latencies, errors.
+fn task_clients(n: usize, port: u16, stop_at: Instant) -> (Vec<u32>, u64) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async move {
+        let tasks: Vec<_> = (0..n)
+            .map(|_| {
+                tokio::spawn(async move {
+                    use tokio::io::AsyncReadExt;
+                    let mut lat = Vec::with_capacity(200_000);
+                    let mut errors = 0u64;
+                    let mut buf = Vec::with_capacity(32);
+                    while Instant::now() < stop_at {
+                        let t = Instant::now();
+                        buf.clear();
+                        match tokio::net::TcpStream::connect(("127.0.0.1", port)).await {
+                            Ok(mut s) => match s.read_to_end(&mut buf).await {
+                                Ok(n) if n > 0 => {}
+                                _ => errors += 1,
+                            },
+                            Err(_) => errors += 1,
+                        }
+                        lat.push(t.elapsed().as_micros() as u32);
+                    }
+                    (lat, errors)
+                })
+            })
+            .collect();
+        let mut lat = Vec::new();
+        let mut errors = 0;
+        for t in tasks {
+            let (l, e) = t.await.unwrap();
+            lat.extend(l);
+            errors += e;
+        }
+        (lat, errors)
+    })
+}
+
 fn main() {
     // `cargo bench` passes `--bench`; `cargo test --benches` would pass nothing useful.
     let seconds = env_num("BENCH_SECONDS", 5);
@@ -121,54 +183,23 @@ fn main() {
     let cpu_load0 = d.cpu_s();
     let stop_at = Instant::now() + Duration::from_secs(seconds);
     let started = Instant::now();
-    // 32 concurrent clients as tasks on `BENCH_CLIENT_THREADS` client threads (cheaper than
-    // 32 OS threads, so more of the two cores is left to the server).
+    // Two client kinds: `tasks` (default) runs the clients as tokio tasks on
+    // `BENCH_CLIENT_THREADS` threads; `BENCH_CLIENT_MODE=threads` runs each client as an OS
+    // thread with blocking sockets, to tell the client's cost from the server's.
+    let mode = std::env::var("BENCH_CLIENT_MODE").unwrap_or_else(|_| "tasks".into());
     let client_threads = env_num("BENCH_CLIENT_THREADS", 2) as usize;
-    let workers: Vec<_> = (0..client_threads)
-        .map(|t| {
-            let clients = clients / client_threads + usize::from(t < clients % client_threads);
-            std::thread::spawn(move || {
-                let rt = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .unwrap();
-                rt.block_on(async move {
-                    let tasks: Vec<_> = (0..clients)
-                        .map(|_| {
-                            tokio::spawn(async move {
-                                use tokio::io::AsyncReadExt;
-                                let mut lat = Vec::with_capacity(200_000);
-                                let mut errors = 0u64;
-                                let mut buf = Vec::with_capacity(32);
-                                while Instant::now() < stop_at {
-                                    let t = Instant::now();
-                                    buf.clear();
-                                    match tokio::net::TcpStream::connect(("127.0.0.1", port)).await
-                                    {
-                                        Ok(mut s) => match s.read_to_end(&mut buf).await {
-                                            Ok(n) if n > 0 => {}
-                                            _ => errors += 1,
-                                        },
-                                        Err(_) => errors += 1,
-                                    }
-                                    lat.push(t.elapsed().as_micros() as u32);
-                                }
-                                (lat, errors)
-                            })
-                        })
-                        .collect();
-                    let mut lat = Vec::new();
-                    let mut errors = 0;
-                    for t in tasks {
-                        let (l, e) = t.await.unwrap();
-                        lat.extend(l);
-                        errors += e;
-                    }
-                    (lat, errors)
-                })
+    let workers: Vec<std::thread::JoinHandle<(Vec<u32>, u64)>> = if mode != "threads" {
+        (0..client_threads)
+            .map(|t| {
+                let n = clients / client_threads + usize::from(t < clients % client_threads);
+                std::thread::spawn(move || task_clients(n, port, stop_at))
             })
-        })
-        .collect();
+            .collect()
+    } else {
+        (0..clients)
+            .map(|_| std::thread::spawn(move || blocking_client(port, stop_at)))
+            .collect()
+    };
     let mut rss_load = 0;
     while Instant::now() < stop_at {
         rss_load = rss_load.max(d.status_kib("VmRSS:"));
@@ -218,7 +249,7 @@ fn main() {
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
     println!(
-        "port 9001, {clients} clients, {elapsed:.1} s: {:.0} queries/s, {} errors",
+        "port 9001, {clients} clients ({mode}), {elapsed:.1} s: {:.0} queries/s, {} errors",
         lat.len() as f64 / elapsed,
         errors
     );
