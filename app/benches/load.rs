@@ -105,28 +105,43 @@ fn env_num(name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
-/// One client on its own thread with blocking sockets: latencies in microseconds, errors.
-fn blocking_client(port: u16, stop_at: Instant) -> (Vec<u32>, u64) {
-    let mut lat = Vec::with_capacity(200_000);
-    let mut errors = 0u64;
+/// Latencies (microseconds) and failed queries, of one client or all of them.
+#[derive(Default)]
+struct Samples {
+    lat: Vec<u32>,
+    errors: u64,
+}
+
+impl Samples {
+    fn record(&mut self, started: Instant, answered: bool) {
+        self.lat.push(started.elapsed().as_micros() as u32);
+        self.errors += u64::from(!answered);
+    }
+
+    fn merge(&mut self, other: Samples) {
+        self.lat.extend(other.lat);
+        self.errors += other.errors;
+    }
+}
+
+/// One client on its own thread with blocking sockets.
+fn blocking_client(port: u16, stop_at: Instant) -> Samples {
+    let mut samples = Samples::default();
     let mut buf = Vec::with_capacity(32);
     while Instant::now() < stop_at {
         let t = Instant::now();
         buf.clear();
-        match TcpStream::connect(("127.0.0.1", port)) {
-            Ok(mut s) => match s.read_to_end(&mut buf) {
-                Ok(n) if n > 0 => {}
-                _ => errors += 1,
-            },
-            Err(_) => errors += 1,
-        }
-        lat.push(t.elapsed().as_micros() as u32);
+        let answered = TcpStream::connect(("127.0.0.1", port))
+            .and_then(|mut s| s.read_to_end(&mut buf))
+            .is_ok_and(|n| n > 0);
+        samples.record(t, answered);
     }
-    (lat, errors)
+    samples
 }
 
-/// `n` clients as tokio tasks on one current-thread runtime: latencies, errors.
-fn task_clients(n: usize, port: u16, stop_at: Instant) -> (Vec<u32>, u64) {
+/// `n` clients as tokio tasks on one current-thread runtime.
+fn task_clients(n: usize, port: u16, stop_at: Instant) -> Samples {
+    use tokio::io::AsyncReadExt;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -135,34 +150,27 @@ fn task_clients(n: usize, port: u16, stop_at: Instant) -> (Vec<u32>, u64) {
         let tasks: Vec<_> = (0..n)
             .map(|_| {
                 tokio::spawn(async move {
-                    use tokio::io::AsyncReadExt;
-                    let mut lat = Vec::with_capacity(200_000);
-                    let mut errors = 0u64;
+                    let mut samples = Samples::default();
                     let mut buf = Vec::with_capacity(32);
                     while Instant::now() < stop_at {
                         let t = Instant::now();
                         buf.clear();
-                        match tokio::net::TcpStream::connect(("127.0.0.1", port)).await {
-                            Ok(mut s) => match s.read_to_end(&mut buf).await {
-                                Ok(n) if n > 0 => {}
-                                _ => errors += 1,
-                            },
-                            Err(_) => errors += 1,
-                        }
-                        lat.push(t.elapsed().as_micros() as u32);
+                        let answered =
+                            match tokio::net::TcpStream::connect(("127.0.0.1", port)).await {
+                                Ok(mut s) => s.read_to_end(&mut buf).await.is_ok_and(|n| n > 0),
+                                Err(_) => false,
+                            };
+                        samples.record(t, answered);
                     }
-                    (lat, errors)
+                    samples
                 })
             })
             .collect();
-        let mut lat = Vec::new();
-        let mut errors = 0;
+        let mut all = Samples::default();
         for t in tasks {
-            let (l, e) = t.await.unwrap();
-            lat.extend(l);
-            errors += e;
+            all.merge(t.await.unwrap());
         }
-        (lat, errors)
+        all
     })
 }
 
@@ -188,7 +196,7 @@ fn main() {
     // thread with blocking sockets, to tell the client's cost from the server's.
     let mode = std::env::var("BENCH_CLIENT_MODE").unwrap_or_else(|_| "tasks".into());
     let client_threads = env_num("BENCH_CLIENT_THREADS", 2) as usize;
-    let workers: Vec<std::thread::JoinHandle<(Vec<u32>, u64)>> = if mode != "threads" {
+    let workers: Vec<std::thread::JoinHandle<Samples>> = if mode != "threads" {
         (0..client_threads)
             .map(|t| {
                 let n = clients / client_threads + usize::from(t < clients % client_threads);
@@ -205,13 +213,11 @@ fn main() {
         rss_load = rss_load.max(d.status_kib("VmRSS:"));
         std::thread::sleep(Duration::from_millis(200));
     }
-    let mut lat = Vec::new();
-    let mut errors = 0;
+    let mut all = Samples::default();
     for w in workers {
-        let (l, e) = w.join().unwrap();
-        lat.extend(l);
-        errors += e;
+        all.merge(w.join().unwrap());
     }
+    let Samples { mut lat, errors } = all;
     let elapsed = started.elapsed().as_secs_f64();
     let server_cpu = (d.cpu_s() - cpu_load0) / elapsed * 100.0;
     lat.sort_unstable();
