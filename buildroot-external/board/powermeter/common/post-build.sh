@@ -2,8 +2,10 @@
 # Buildroot post-build script of the powermeter appliance (BR2_ROOTFS_POST_BUILD_SCRIPT):
 #   post-build.sh TARGET_DIR BOARD_DIR
 # Installs the board's RAUC system.conf, the RAUC pre-install handler, the keyring, the image
-# version in os-release, the mount points of fstab, and an empty /etc/machine-id (read-only
-# root: systemd then uses a transient one).
+# version in os-release, the mount points of fstab and /data, and the machine-id link:
+# /etc/machine-id -> /data/machine-id (the data partition, mounted by the preinit before PID 1;
+# rootfs-overlay/usr/libexec/powermeter/preinit), over an empty /data/machine-id in the root for a
+# boot without the data partition (systemd then makes a transient id).
 #
 # Keyring: $POWERMETER_KEYRING (CA certificates + CRLs, PEM), else the development keyring that
 # signing/dev-pki makes in the repository's build/ (run here when missing). Never a private key.
@@ -50,6 +52,11 @@ awk '$1 !~ /^#/ && $2 ~ /^\// { print $2 }' "$target/etc/fstab" | while read -r 
   mkdir -p "$target$mp"
 done
 
-# per-device identity: nothing in the shared image
-rm -f "$target/var/lib/dbus/machine-id"
-: > "$target/etc/machine-id"
+# per-device identity: nothing in the shared image. /etc/machine-id is the data partition's
+# /data/machine-id (rm first: never write through the link, which points into the build host).
+rm -f "$target/var/lib/dbus/machine-id" "$target/etc/machine-id" "$target/data/machine-id"
+mkdir -p "$target/data"
+: > "$target/data/machine-id"
+chmod 0444 "$target/data/machine-id"
+ln -s /data/machine-id "$target/etc/machine-id"
+[ -x "$target/usr/libexec/powermeter/preinit" ] || die "no executable usr/libexec/powermeter/preinit (the kernel's init=)"

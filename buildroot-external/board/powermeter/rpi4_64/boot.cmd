@@ -3,7 +3,9 @@
 # partition), and a dm-verity root whose settings (BOOT_<slot>_ROOTHASH, _VERITY_SECTORS,
 # _VERITY_BLOCKS, _VERITY_SALT) post-image.sh (slot A) and the signed bundle's slot hook (every
 # update) wrote. The kernel lives in the slot: /boot/Image of its squashfs. The hash tree of a
-# slot starts at block 155649 = VERITY_HASH_OFFSET / 4096 + 1 (layout.env).
+# slot starts at block 155649 = VERITY_HASH_OFFSET / 4096 + 1 (layout.env). init= is the preinit
+# that mounts the data partition (powermeter.data=, p4) on /data before systemd: /etc/machine-id
+# links to /data/machine-id.
 
 fdt addr ${fdt_addr} && fdt get value bootargs /chosen bootargs
 
@@ -65,7 +67,7 @@ fi
 
 setenv pm_dev "/dev/mmcblk0p${pm_part}"
 echo "powermeter: booting slot ${pm_slot} (${pm_dev}), BOOT_A_LEFT=${BOOT_A_LEFT} BOOT_B_LEFT=${BOOT_B_LEFT}"
-setenv bootargs "${bootargs} root=/dev/dm-0 ro rootfstype=squashfs rootwait dm-mod.waitfor=${pm_dev} dm-mod.create=\"vroot,,,ro,0 ${pm_sectors} verity 1 ${pm_dev} ${pm_dev} 4096 4096 ${pm_blocks} 155649 sha256 ${pm_hash} ${pm_salt} 1 restart_on_corruption\" rauc.slot=${pm_slot} panic=10"
+setenv bootargs "${bootargs} root=/dev/dm-0 ro rootfstype=squashfs rootwait dm-mod.waitfor=${pm_dev} dm-mod.create=\"vroot,,,ro,0 ${pm_sectors} verity 1 ${pm_dev} ${pm_dev} 4096 4096 ${pm_blocks} 155649 sha256 ${pm_hash} ${pm_salt} 1 restart_on_corruption\" rauc.slot=${pm_slot} init=/usr/libexec/powermeter/preinit powermeter.data=/dev/mmcblk0p4 panic=10"
 # Persist the decremented count before the kernel runs.
 saveenv
 
