@@ -3,9 +3,11 @@ DESCRIPTION = "powermeterd counts the pulses of an electricity meter on a GPIO l
 HOMEPAGE = "https://example.invalid/powermeter"
 SECTION = "console/utils"
 LICENSE = "MIT | Apache-2.0"
+# The license texts of the repository (relative to S, the top of the checkout: externalsrc,
+# or the git fetcher's ${UNPACKDIR}/${BP}); ci/check-yocto checks the md5 sums.
 LIC_FILES_CHKSUM = "\
-    file://${COMMON_LICENSE_DIR}/MIT;md5=0835ade698e0bcf8506ecda2f7b4f302 \
-    file://${COMMON_LICENSE_DIR}/Apache-2.0;md5=89aea4e17d99a7cacdbeed46a0096b10 \
+    file://LICENSE-MIT;md5=871ab1cf0f4f4dc1295faf6475679a6d \
+    file://LICENSE-APACHE;md5=3b83ef96387f14655fc854ddc3c6bd57 \
 "
 
 PV = "0.1.0+git"
