@@ -14,6 +14,7 @@ POWERMETER_VERSION = 0.1.0
 POWERMETER_SOURCE = powermeter-$(POWERMETER_VERSION)-vendored.tar.gz
 POWERMETER_SITE = https://example.invalid/powermeter/releases/download/v$(POWERMETER_VERSION)
 POWERMETER_LICENSE = MIT or Apache-2.0
+POWERMETER_LICENSE_FILES = LICENSE-MIT LICENSE-APACHE
 
 # A local source (POWERMETER_OVERRIDE_SRCDIR, or a checkout without VENDOR/)
 # is never vendored by the download step: vendor its Cargo.lock here, into the
