@@ -1,5 +1,5 @@
 //! The command line: `powermeterd [--config FILE]`, `--check-config`, `--version`,
-//! `--set-reading KWH`.
+//! `--set-reading KWH`, `--watch-input SECONDS`.
 
 use std::path::PathBuf;
 
@@ -25,6 +25,13 @@ pub enum Command {
         /// The meter's reading in kWh.
         kwh: f64,
     },
+    /// Watch the configured input and print its edges (the wiring check) and exit.
+    WatchInput {
+        /// The configuration file (for the input and the meter settings).
+        config: PathBuf,
+        /// How long to watch, in seconds.
+        seconds: f64,
+    },
     /// Print the version.
     Version,
     /// Print the usage.
@@ -38,6 +45,9 @@ usage: powermeterd [--config FILE]                 run the daemon
        powermeterd --set-reading KWH [--config FILE]
                                                    set the energy register to the meter's
                                                    display (stop the daemon first)
+       powermeterd --watch-input SECONDS [--config FILE]
+                                                   print every edge of the input for SECONDS,
+                                                   then a summary (stop the daemon first)
        powermeterd --version
 default config: /etc/powermeter/powermeter.toml";
 
@@ -48,6 +58,7 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, String>
     let mut version = false;
     let mut help = false;
     let mut reading = None;
+    let mut watch = None;
     let mut args = args.into_iter();
     while let Some(arg) = args.next() {
         let mut value = |name: &str| args.next().ok_or_else(|| format!("{name} needs a value"));
@@ -66,14 +77,33 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, String>
                 }
                 reading = Some(kwh);
             }
+            "--watch-input" => {
+                let v = value("--watch-input")?;
+                let secs: f64 = v
+                    .parse()
+                    .map_err(|_| format!("--watch-input: {v:?} is not a number of seconds"))?;
+                if !(secs.is_finite() && secs > 0.0 && secs <= 86_400.0) {
+                    return Err(format!(
+                        "--watch-input: {v} must be > 0 and at most 86400 s"
+                    ));
+                }
+                watch = Some(secs);
+            }
             s if s.starts_with("--config=") => config = Some(PathBuf::from(&s[9..])),
             other => return Err(format!("unknown argument {other:?}")),
         }
     }
     let config = config.unwrap_or_else(|| PathBuf::from(DEFAULT_PATH));
+    if watch.is_some() && (check || reading.is_some()) {
+        return Err("--watch-input excludes --check-config and --set-reading".into());
+    }
     Ok(match (help, version, check, reading) {
         (true, ..) => Command::Help,
         (_, true, ..) => Command::Version,
+        _ if watch.is_some() => Command::WatchInput {
+            config,
+            seconds: watch.unwrap_or_default(),
+        },
         (_, _, true, None) => Command::CheckConfig { config },
         (_, _, false, Some(kwh)) => Command::SetReading { config, kwh },
         (_, _, true, Some(_)) => {
@@ -117,6 +147,13 @@ mod tests {
         );
         assert_eq!(p(&["--version"]), Ok(Command::Version));
         assert_eq!(
+            p(&["--watch-input", "30", "-c", "x"]),
+            Ok(Command::WatchInput {
+                config: "x".into(),
+                seconds: 30.0
+            })
+        );
+        assert_eq!(
             p(&["--set-reading", "12.5"]),
             Ok(Command::SetReading {
                 config: DEFAULT_PATH.into(),
@@ -136,5 +173,8 @@ mod tests {
         assert!(p(&["--set-reading", "x"]).is_err());
         assert!(p(&["--set-reading", "-1"]).is_err());
         assert!(p(&["--set-reading", "1", "--check-config"]).is_err());
+        assert!(p(&["--watch-input", "0"]).is_err());
+        assert!(p(&["--watch-input", "x"]).is_err());
+        assert!(p(&["--watch-input", "5", "--check-config"]).is_err());
     }
 }

@@ -55,6 +55,17 @@ pub enum SourceKind {
     Sim,
 }
 
+impl SourceKind {
+    /// The name used in the configuration file and the build-info metric.
+    pub fn name(self) -> &'static str {
+        match self {
+            SourceKind::Gpio => "gpio",
+            SourceKind::Rppal => "rppal",
+            SourceKind::Sim => "sim",
+        }
+    }
+}
+
 /// Which edge of the pulse is counted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]

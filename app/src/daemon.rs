@@ -190,9 +190,20 @@ async fn run_async(opts: Options) -> Result<()> {
         saved_pulses: AtomicU64::new(snapshot.pulses_total),
     });
 
-    // Input.
-    let mut source = Source::open(&config).context("opening the pulse input")?;
-    let input_kind = source.kind();
+    // Input: armed now, or retried in the background until it appears (a missing chip or
+    // line, a line held by another process). The count is served meanwhile; /health says why.
+    let input_kind = config.input.source.name();
+    let source = match Source::open(&config) {
+        Ok(s) => {
+            shared.set_input(Ok(()));
+            tracing::info!(input = %s.describe(), pulses_total = snapshot.pulses_total, "input armed");
+            Some(s)
+        }
+        Err(e) => {
+            input_unavailable(&shared, &mut None, e.to_string());
+            None
+        }
+    };
     let fault = match fault {
         Some(f) if input_kind == "sim" => {
             tracing::warn!(?f, "fault injection active ({FAULT_ENV}): for tests only");
@@ -204,8 +215,6 @@ async fn run_async(opts: Options) -> Result<()> {
         }
         None => None,
     };
-    shared.input_armed.store(true, Ordering::Relaxed);
-    tracing::info!(input = %source.describe(), pulses_total = snapshot.pulses_total, "input armed");
 
     // Listeners: passed by systemd, else bound from the configuration.
     let legacy = listeners("legacy", passed.legacy, &config.legacy.listen).await?;
@@ -225,17 +234,15 @@ async fn run_async(opts: Options) -> Result<()> {
 
     let input_beat = Arc::new(Beat::default());
     beats.push(("input".into(), input_beat.clone()));
-    let (input_err_tx, mut input_err_rx) = tokio::sync::mpsc::channel::<String>(1);
-    {
-        let shared = shared.clone();
-        let stop = stop_rx.clone();
-        tasks.spawn(async move {
-            if let Err(e) = input_task(&mut source, &shared, &input_beat, tick, fault, stop).await {
-                shared.input_armed.store(false, Ordering::Relaxed);
-                let _ = input_err_tx.send(e).await;
-            }
-        });
-    }
+    tasks.spawn(supervise_input(
+        source,
+        config.clone(),
+        shared.clone(),
+        input_beat,
+        tick,
+        fault,
+        stop_rx.clone(),
+    ));
     for (i, l) in legacy.into_iter().enumerate() {
         let beat = Arc::new(Beat::default());
         beats.push((format!("legacy listener {i}"), beat.clone()));
@@ -283,9 +290,6 @@ async fn run_async(opts: Options) -> Result<()> {
                 saver.save("reload").await;
                 systemd::reloaded();
             }
-            Some(e) = input_err_rx.recv() => {
-                break Err(anyhow::anyhow!(e)).context("the pulse input failed");
-            }
         }
     };
 
@@ -330,6 +334,70 @@ async fn listeners(
         out.push(l);
     }
     Ok(out)
+}
+
+/// How often a missing or failed input is opened again.
+const INPUT_RETRY: Duration = Duration::from_secs(2);
+
+/// Records that the input is not armed and why; logs it once per distinct problem (`last`),
+/// so a retry loop does not flood the journal.
+fn input_unavailable(shared: &Shared, last: &mut Option<String>, problem: String) {
+    if last.as_deref() != Some(problem.as_str()) {
+        tracing::error!(
+            problem = %problem,
+            retry_s = INPUT_RETRY.as_secs(),
+            "input not armed: counting resumes when it can be opened; /health reports it"
+        );
+    } else {
+        tracing::debug!(problem = %problem, "input still not available");
+    }
+    shared.set_input(Err(problem.clone()));
+    *last = Some(problem);
+}
+
+/// Keeps the input armed for the daemon's life: reads edges from the open source; when it is
+/// missing or fails (no chip, no such line, line busy, chip removed) it reports why and opens
+/// it again every `INPUT_RETRY`, beating all the while (retrying is this task's progress).
+async fn supervise_input(
+    mut source: Option<Source>,
+    config: Config,
+    shared: Arc<Shared>,
+    beat: Arc<Beat>,
+    tick: Duration,
+    fault: Option<Fault>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut last_problem = shared.input_problem();
+    loop {
+        match source.as_mut() {
+            Some(src) => {
+                match input_task(src, &shared, &beat, tick, fault, stop.clone()).await {
+                    Ok(()) => return,
+                    Err(e) => input_unavailable(&shared, &mut last_problem, e),
+                }
+                source = None;
+            }
+            None => {
+                let next_try = tokio::time::Instant::now() + INPUT_RETRY;
+                while tokio::time::Instant::now() < next_try {
+                    beat.beat();
+                    tokio::select! {
+                        _ = tokio::time::sleep(tick.min(INPUT_RETRY)) => {}
+                        _ = stop.changed() => return,
+                    }
+                }
+                match Source::open(&config) {
+                    Ok(s) => {
+                        tracing::info!(input = %s.describe(), pulses_total = shared.pulses_total(), "input armed");
+                        shared.set_input(Ok(()));
+                        last_problem = None;
+                        source = Some(s);
+                    }
+                    Err(e) => input_unavailable(&shared, &mut last_problem, e.to_string()),
+                }
+            }
+        }
+    }
 }
 
 async fn input_task(

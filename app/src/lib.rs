@@ -17,6 +17,7 @@ pub mod metrics;
 pub mod shared;
 pub mod state;
 pub mod systemd;
+pub mod watch;
 
 /// The version of this build, as printed by `--version` and exported as build info.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use powermeterd::cli::{self, Command};
 use powermeterd::config;
 use powermeterd::daemon::{self, FAULT_ENV, Fault, Options};
-use powermeterd::{logging, systemd};
+use powermeterd::{logging, systemd, watch};
 
 /// `EX_CONFIG` from sysexits.h.
 const EX_CONFIG: u8 = 78;
@@ -48,6 +48,17 @@ fn main() -> ExitCode {
                     println!("energy register: {before:.3} kWh -> {after:.3} kWh");
                     ExitCode::SUCCESS
                 }
+                Err(e) => fatal(&e),
+            }
+        }
+        Command::WatchInput { config, seconds } => {
+            let cfg = match config::load(&config) {
+                Ok(c) => c,
+                Err(e) => return config_error(&e),
+            };
+            let mut out = std::io::stdout().lock();
+            match watch::run(&cfg, std::time::Duration::from_secs_f64(seconds), &mut out) {
+                Ok(_) => ExitCode::SUCCESS,
                 Err(e) => fatal(&e),
             }
         }

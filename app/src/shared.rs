@@ -55,6 +55,9 @@ pub struct Shared {
     meter: Mutex<Meter>,
     /// The input is open and its edges are being read.
     pub input_armed: AtomicBool,
+    /// Why the input is not armed (while it is not), e.g. "requesting GPIO27 ...: no such
+    /// file or directory".
+    input_problem: Mutex<Option<String>>,
     /// Save counters and status.
     pub saves: SaveStats,
     /// Network counters.
@@ -69,6 +72,7 @@ impl Shared {
         Self {
             meter: Mutex::new(meter),
             input_armed: AtomicBool::new(false),
+            input_problem: Mutex::new(Some("not opened yet".to_owned())),
             saves: SaveStats::default(),
             net: NetStats::default(),
             started_ns: clock::monotonic_ns(),
@@ -84,6 +88,24 @@ impl Shared {
     /// The lifetime pulse count.
     pub fn pulses_total(&self) -> u64 {
         self.meter().pulses_total()
+    }
+
+    /// Records whether the input is armed (`Ok`) or why not.
+    pub fn set_input(&self, state: Result<(), String>) {
+        let mut problem = self
+            .input_problem
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        self.input_armed.store(state.is_ok(), Ordering::Relaxed);
+        *problem = state.err();
+    }
+
+    /// Why the input is not armed, while it is not.
+    pub fn input_problem(&self) -> Option<String> {
+        self.input_problem
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     /// Records the outcome of a save.
@@ -114,7 +136,10 @@ impl Shared {
     pub fn health(&self) -> Result<(), Vec<String>> {
         let mut why = Vec::new();
         if !self.input_armed.load(Ordering::Relaxed) {
-            why.push("input not armed".to_owned());
+            why.push(match self.input_problem() {
+                Some(p) => format!("input not armed: {p}"),
+                None => "input not armed".to_owned(),
+            });
         }
         if !self.saves.last_ok.load(Ordering::Relaxed) {
             let err = self

@@ -134,8 +134,10 @@ fn version_and_usage() {
     assert!(err.contains("usage:"));
 }
 
+/// An out-of-range pin is a configuration error; a chip that is missing is not (the input is
+/// opened at run time and retried: `systemd.rs`, `a_missing_gpio_chip_degrades_instead_of_exiting`).
 #[test]
-fn a_missing_gpio_chip_is_a_fatal_error_naming_it() {
+fn a_bad_gpio_pin_is_a_config_error_a_missing_chip_is_not() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("gpio.toml");
     std::fs::write(
@@ -154,8 +156,6 @@ fn a_missing_gpio_chip_is_a_fatal_error_naming_it() {
         .unwrap()
         .replace("pin = 63", "pin = 27");
     std::fs::write(&path, text).unwrap();
-    let (code, _, err) = run_to_end(&["--config", path.to_str().unwrap()]);
-    assert_eq!(code, 1, "{err}");
-    assert!(err.contains("opening the pulse input"), "{err}");
-    assert!(err.contains("/nonexistent/gpiochip9"), "{err}");
+    let (code, _, err) = run_to_end(&["--check-config", "--config", path.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
 }

@@ -251,3 +251,70 @@ fn expect_passed_sockets_used(s: &Setup, mut cmd: Command, lp: u16, hp: u16) {
     assert!(st.success(), "{err}");
     assert!(err.contains("using socket passed by systemd"), "{err}");
 }
+
+/// A GPIO input that cannot be opened (here: a chip that does not exist) is not fatal: the
+/// daemon comes up (READY=1), serves the saved count, reports the problem on /health (503, the
+/// chip and line named) and in `powermeter_input_armed 0`, keeps the watchdog fed while it
+/// retries, and logs the problem once, not once per retry.
+#[cfg(feature = "gpio")]
+#[test]
+fn a_missing_gpio_chip_degrades_instead_of_exiting() {
+    let s = Setup::new(225_000.0, 0, 3600);
+    // a saved count first (sim input), then the same state with the GPIO input
+    let d = s.start();
+    wait_until("a counted pulse", Duration::from_secs(5), || d.count() > 0);
+    let (st, _) = d.stop();
+    assert!(st.success());
+    let saved = s.saved_count().expect("a saved count");
+    let chip = s.dir.path().join("gpiochip-that-is-not-there");
+    let text = std::fs::read_to_string(s.config()).unwrap().replace(
+        "source = \"sim\"",
+        &format!("source = \"gpio\"\npin = 27\nchip = \"{}\"", chip.display()),
+    );
+    let text = text.replace("[input.sim]\nwatts = 225000.0\n", "");
+    std::fs::write(s.config(), text).unwrap();
+
+    let n = Notify::new(s.dir.path());
+    let mut cmd = s.command();
+    cmd.env("NOTIFY_SOCKET", &n.path)
+        .env("WATCHDOG_USEC", "400000");
+    let d = s.start_with(cmd);
+    wait_until("READY=1", Duration::from_secs(5), || {
+        n.count("READY=1") == 1
+    });
+    assert_eq!(d.count(), saved, "port 9001 serves the saved count");
+    let (code, body) = d.get("/health");
+    assert_eq!(code, 503, "{body}");
+    assert!(
+        body.contains("input not armed")
+            && body.contains(&*chip.to_string_lossy())
+            && body.contains("27"),
+        "/health does not name the chip and line: {body}"
+    );
+    let (_, metrics) = d.get("/metrics");
+    assert!(
+        metrics.lines().any(|l| l == "powermeter_input_armed 0"),
+        "{metrics}"
+    );
+    // several retries (every 2 s) later: still up, still pinging
+    std::thread::sleep(Duration::from_millis(4500));
+    let pings = n.times("WATCHDOG=1");
+    let last = *pings.last().expect("watchdog pings");
+    assert!(
+        last.elapsed() < Duration::from_millis(600),
+        "no watchdog ping for {:?} while the input is retried",
+        last.elapsed()
+    );
+    assert_eq!(d.count(), saved);
+    let (st, err) = d.stop();
+    assert!(st.success(), "exit {st:?}: {err}");
+    let problems = err
+        .lines()
+        .filter(|l| l.contains("input not armed"))
+        .count();
+    assert_eq!(
+        problems, 1,
+        "the problem is logged once, not per retry:\n{err}"
+    );
+    assert_eq!(s.saved_count(), Some(saved), "nothing was lost");
+}

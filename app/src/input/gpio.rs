@@ -1,8 +1,14 @@
 //! The Linux GPIO character device (uAPI v2) through `gpiocdev`: line by name or offset,
-//! bias, edge, kernel debounce, a larger kernel event buffer, kernel timestamps
-//! (`CLOCK_MONOTONIC`), lost edges from sequence-number gaps.
-
-use std::time::Duration;
+//! bias, edge, a larger kernel event buffer, kernel timestamps (`CLOCK_MONOTONIC`), lost
+//! edges from sequence-number gaps.
+//!
+//! No kernel debounce is requested. The Pi's GPIO controller (like gpio-sim) has no hardware
+//! debounce, so the kernel would emulate it in gpiolib-cdev: a delayed work item per edge,
+//! rounded up to whole jiffies (4-10 ms), that stamps the event when the work runs instead of
+//! when the edge happened. That costs the timestamps their precision (the power figure), hides
+//! contact bounce from `powermeter_pulses_rejected_total`, and swallows edges of a line that
+//! toggles faster than the rounded period. The counting debounce on the kernel's edge stamps
+//! (`debounce_ms`) does the job without those costs.
 
 use gpiocdev::line::{Bias as LineBias, EdgeDetection};
 use gpiocdev::tokio::AsyncRequest;
@@ -18,13 +24,6 @@ pub struct GpioSource {
     request: AsyncRequest,
     seq: SeqTracker,
     description: String,
-}
-
-/// The kernel debounce period: it removes contact bounce and glitches shorter than itself
-/// before the edge is stamped. The counting debounce (`debounce_ms`, on timestamps) does the
-/// rest, so the kernel one is kept short: a quarter of it, at most 5 ms.
-fn kernel_debounce(cfg: &InputConfig) -> Duration {
-    Duration::from_micros((cfg.debounce_ms * 1000 / 4).min(5000))
 }
 
 impl GpioSource {
@@ -64,10 +63,6 @@ impl GpioSource {
                 Bias::PullUp => LineBias::PullUp,
             })
             .with_kernel_event_buffer_size(KERNEL_BUFFER);
-        let debounce = kernel_debounce(cfg);
-        if !debounce.is_zero() {
-            builder.with_debounce_period(debounce);
-        }
         let request = builder.request().map_err(|e| InputError {
             what: format!("requesting {description}"),
             detail: e.to_string(),
@@ -83,7 +78,7 @@ impl GpioSource {
 impl PulseSource for GpioSource {
     async fn next_edges(&mut self, out: &mut Vec<EdgeEvent>) -> Result<(), InputError> {
         let err = |e: gpiocdev::Error| InputError {
-            what: "reading edge events".into(),
+            what: format!("reading edge events of {}", self.description),
             detail: e.to_string(),
         };
         let ev = self.request.read_edge_event().await.map_err(err)?;
