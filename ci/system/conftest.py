@@ -24,6 +24,7 @@ from labgrid import Environment
 from labgrid.pytestplugin.hooks import LABGRID_ENV_KEY
 
 from powermeter_lab import disk as disks
+from powermeter_lab import gpiosim
 from powermeter_lab.guest import TEMPLATE_DEFAULTS, Guest
 from powermeter_lab.layout import build_dir, qemu_build
 
@@ -55,6 +56,7 @@ def pytest_addoption(parser):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "xdist_group(name): the scenarios that share one guest")
+    config.addinivalue_line("markers", "gpio_sim: the group's guest gets the gpio-sim test disk")
     config.addinivalue_line("markers", "qemu_x86: needs the qemu x86 appliance (GRUB's environment, a "
                             "disk patched before boot); skipped on other labgrid environments")
     if not hasattr(config, "workerinput"):
@@ -252,8 +254,10 @@ def _only_where_it_applies(request):
 
 @pytest.fixture
 def guest(request, guests, lab) -> Guest:
-    """The booted guest of this test's group (SSH and powermeter ready)."""
-    g = guests.get(group_of(request.node))
+    """The booted guest of this test's group (SSH and powermeter ready); with the `gpio_sim`
+    marker, the gpio-sim test disk is attached to it."""
+    extra = gpiosim.qemu_args() if request.node.get_closest_marker("gpio_sim") else ""
+    g = guests.get(group_of(request.node), extra)
     yield g
     _keep_artifacts(request, lab, [g])
 
