@@ -200,7 +200,7 @@ class Guests:
             t0 = time.monotonic()
             self.current = self.lab.guest(group, extra_args=extra_args)
             try:
-                self.current.boot(timeout=600)
+                self.current.boot()
                 self.current.log(f"ready {time.monotonic() - t0:.0f} s after power on; kernel start "
                                  f"to READY=1 {self.current.ready_seconds():.1f} s")
             except Exception as e:  # every test of the group fails with this
@@ -213,7 +213,7 @@ class Guests:
             g.log("not answering: booting it again")
             if g.alive():
                 g.power_cut()
-            g.boot_again(600)
+            g.boot_again()
         return g
 
     def close(self) -> None:

@@ -40,6 +40,12 @@ TEMPLATE_DEFAULTS = {
 }
 
 
+# How long a boot may take before a wait gives up: ~90 s on a quiet 2-core machine under TCG,
+# over 300 s with the machine's cores busy elsewhere. Waits end as soon as the guest is there,
+# so a generous bound costs nothing when all is well.
+BOOT_TIMEOUT = 900.0
+
+
 class GuestError(AssertionError):
     """A command in the guest failed, or the guest did not do what it had to."""
 
@@ -116,18 +122,18 @@ class Guest:
         self.log(f"powered on (ssh :{self.port('ssh')}, 9001 -> :{self.port('legacy')}, "
                  f"9002 -> :{self.port('http')}, serial {self.serial_path})")
 
-    def boot(self, timeout: float = 600) -> None:
+    def boot(self, timeout: float = BOOT_TIMEOUT) -> None:
         """Power on and wait until powermeter is ready."""
         if self.strategy.status in (Status.unknown, Status.off):
             self.power_on()
         self.strategy.transition(Status.ready, timeout=timeout)
 
-    def wait_ssh(self, timeout: float = 300) -> None:
+    def wait_ssh(self, timeout: float = BOOT_TIMEOUT) -> None:
         """Wait until a root shell over SSH works."""
         self.strategy.status = Status.on
         self.strategy.transition(Status.shell, timeout=timeout)
 
-    def wait_ready(self, timeout: float = 300) -> None:
+    def wait_ready(self, timeout: float = BOOT_TIMEOUT) -> None:
         """Wait for SSH and powermeter.service active (READY=1 received)."""
         self.strategy.status = Status.on
         self.strategy.transition(Status.ready, timeout=timeout)
@@ -141,7 +147,7 @@ class Guest:
         self.strategy.transition(Status.off)
         self.log("power cut")
 
-    def boot_again(self, timeout: float = 300) -> None:
+    def boot_again(self, timeout: float = BOOT_TIMEOUT) -> None:
         """Power on after a power cut, on the same disk, and wait for SSH."""
         self.power_on()
         self.wait_ssh(timeout)
@@ -150,7 +156,7 @@ class Guest:
         """The guest's current boot id."""
         return self.sh("cat /proc/sys/kernel/random/boot_id")
 
-    def reboot(self, timeout: float = 300) -> None:
+    def reboot(self, timeout: float = BOOT_TIMEOUT) -> None:
         """Clean reboot; returns once SSH answers with a new boot id."""
         old = self.boot_id()
         self.try_sh("systemctl reboot")

@@ -7,6 +7,7 @@ once powermeter is healthy.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import time
 
@@ -48,6 +49,20 @@ class Updater:
         if not slot:
             raise GuestError("cannot tell the booted slot")
         return slot
+
+    def current(self) -> tuple[str, str, str]:
+        """(the booted slot, the other slot, the running IMAGE_VERSION)."""
+        old = self.booted()
+        return old, other(old), self.version()
+
+    def expect_rollback(self, old: str, oldv: str, new: str, timeout: float, what: str) -> None:
+        """Reboot into the trial of `new` and wait until the guest is back on `old` (running
+        `oldv`, marked good) with `new` marked bad; `what` names the bad slot in messages."""
+        with contextlib.suppress(GuestError):  # the guest may come up on the trial slot first
+            self.g.reboot()
+        self.wait_good(old, timeout)
+        assert self.version() == oldv, f"running '{self.version()}', expected the old '{oldv}'"
+        assert self.env().get(f"{new}_OK") == "0", f"the {what} slot {new} is not marked bad: {self.env()}"
 
     def version(self) -> str:
         return self.g.sh('. /etc/os-release; echo "$IMAGE_VERSION"')

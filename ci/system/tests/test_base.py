@@ -140,8 +140,8 @@ def test_watchdog_restart(guest):
 
 def test_persist_reboot(guest, record_property):
     c1 = int(guest.count())
-    guest.reboot(600)
-    guest.wait_ready(300)
+    guest.reboot()
+    guest.wait_ready()
     secs = guest.ready_seconds()
     record_property("kernel_to_ready_s", f"{secs:.1f}")
     c2 = int(guest.count())
@@ -156,8 +156,8 @@ def test_journald(guest):
     # a line per boot, each with its 32-hex boot id (the header line has none)
     boots = len(re.findall(r"\b[0-9a-f]{32}\b", guest.sh("journalctl --list-boots --no-pager")))
     if boots < 2:
-        guest.reboot(600)
-        guest.wait_ready(300)
+        guest.reboot()
+        guest.wait_ready()
     assert guest.ok("test -d /var/log/journal/$(cat /etc/machine-id)"), \
         "no persistent journal directory /var/log/journal/<machine-id>"
     assert guest.ok('findmnt -no SOURCE -T /var/log/journal | grep -q "$(readlink -f /dev/disk/by-partlabel/data)"'), \

@@ -5,7 +5,7 @@ see powermeter_lab/gpiosim.py). The daemon runs the Pi images' default configura
 
 Group `guest-c` (its own guest, with the gpio-sim disk). Costs on the 2-core machine (TCG,
 quiet): gpio-count ~70 s (a 40 s pulse train, the wiring check), gpio-fast ~25 s,
-gpio-debounce ~15 s, gpio-late-line ~40 s, gpio-sandbox ~15 s; plus the guest's boot (~90 s).
+gpio-debounce ~15 s, gpio-late-line ~45 s, gpio-sandbox ~15 s; plus the guest's boot (~90 s).
 """
 
 from __future__ import annotations
@@ -205,7 +205,22 @@ def test_gpio_late_line(guest, sim):
     assert wait_until(lambda: figures(guest)["powermeter_pulses_total"] - before == 5, 10), \
         "the 5 pulses were not counted"
     assert _health(guest)[0] == 200
-    guest.log(f"chip removed and absent at start: active, 503, no restart; armed {armed_after:.1f} s after it appeared")
+    # the line held by another process (a wiring check, for 15 s) when the daemon starts
+    cfg = "--config /etc/powermeter/powermeter.toml"
+    guest.sh("systemctl stop powermeter.service")
+    guest.sh(f"setsid nohup powermeterd --watch-input 15 {cfg} >/run/hold.log 2>&1 </dev/null &")
+    time.sleep(2)
+    rc, _, err = guest.run(f"powermeterd --watch-input 1 {cfg}")
+    assert rc == 1 and "busy" in err.lower() and "systemctl stop powermeter" in err, \
+        f"a second wiring check on the held line: exit {rc}: {err}"
+    guest.sh("systemctl start powermeter.service")
+    code, body = _health(guest)
+    assert code == 503 and "busy" in body.lower() and "GPIO27" in body, f"/health with the line held: {code}: {body}"
+    assert wait_until(lambda: guest.metric("powermeter_input_armed") == "1", 30), \
+        "not armed after the other process let the line go"
+    assert _health(guest)[0] == 200
+    guest.log(f"chip removed and absent at start: active, 503, no restart; armed {armed_after:.1f} s after it "
+              "appeared; a line held by another process: 503 'busy', armed once it was let go")
 
 
 SANDBOX_SKIP = ("Type", "ExecStart", "ExecReload", "WatchdogSec", "Restart", "RestartSec",

@@ -11,16 +11,15 @@ ota-rollback-corrupt ~300 s, ota-powercut ~290 s.
 
 from __future__ import annotations
 
-import contextlib
 import struct
 import time
 
 import pytest
 
 from powermeter_lab import bundles
-from powermeter_lab.guest import GuestError, wait_until
+from powermeter_lab.guest import BOOT_TIMEOUT, wait_until
 from powermeter_lab.layout import layout
-from powermeter_lab.ota import Updater, dev, other
+from powermeter_lab.ota import Updater, dev
 
 pytestmark = pytest.mark.qemu_x86  # the A/B state is read from GRUB's environment
 
@@ -78,9 +77,7 @@ def test_ota_reject_incompatible(ota):
 
 @pytest.mark.xdist_group("guest-b")
 def test_ota_install(ota, guest):
-    old = ota.booted()
-    new = other(old)
-    oldv = ota.version()
+    old, new, oldv = ota.current()
     newv = f"{bundles.base_version()}+ota1"
     if newv == oldv:
         newv += ".1"
@@ -94,7 +91,7 @@ def test_ota_install(ota, guest):
     assert e.get(f"{new}_ROOTHASH") == b.roothash, f"{new}_ROOTHASH is not the bundle's root hash"
     assert ota.slot_is(new, "1", "0"), f"slot {new} not armed: {e}"
     guest.reboot()
-    ota.wait_good(new, 300)
+    ota.wait_good(new, BOOT_TIMEOUT)
     assert ota.version() == newv, f"version is '{ota.version()}', expected '{newv}'"
     c2 = ota.count()
     assert c2 >= c1, f"counter went back from {c1} to {c2} over the update"
@@ -104,18 +101,12 @@ def test_ota_install(ota, guest):
 
 @pytest.mark.xdist_group("guest-a")
 def test_ota_rollback_unhealthy(ota, guest):
-    old = ota.booted()
-    new = other(old)
-    oldv = ota.version()
+    old, new, oldv = ota.current()
     b = bundles.make(f"{bundles.base_version()}+unhealthy", "unhealthy")
     ota.install(b)
-    with contextlib.suppress(GuestError):  # the guest may come up on the trial slot first
-        guest.reboot()
     # 3 trial boots of the new slot (each: boot + up to 60 s waiting for /health), then the old
-    # one; a CI run once needed ~870 s for these four boots under TCG, hence the margin
-    ota.wait_good(old, 1500)
-    assert ota.version() == oldv, f"running '{ota.version()}', expected the old '{oldv}'"
-    assert ota.env().get(f"{new}_OK") == "0", f"the failed slot {new} is not marked bad: {ota.env()}"
+    # one: four boots (a CI run once needed ~870 s for them under TCG)
+    ota.expect_rollback(old, oldv, new, 4 * BOOT_TIMEOUT, "failed")
     n = int(guest.run(f"journalctl -u powermeter-mark-good.service --no-pager -o cat | "
                       f"grep -c 'slot {new} is NOT marked good'")[1] or 0)
     assert n >= 1, f"no failed trial of slot {new} in the journal"
@@ -125,9 +116,7 @@ def test_ota_rollback_unhealthy(ota, guest):
 
 @pytest.mark.xdist_group("guest-b")
 def test_ota_rollback_corrupt(ota, guest):
-    old = ota.booted()
-    new = other(old)
-    oldv = ota.version()
+    old, new, oldv = ota.current()
     b = bundles.make(f"{bundles.base_version()}+corrupt")
     ota.install(b)
     # Corrupt 4 bytes of the slot's first block (the squashfs superblock's mkfs time: neither
@@ -137,19 +126,13 @@ def test_ota_rollback_corrupt(ota, guest):
     guest.sh(f"printf '\\336\\255\\276\\357' | dd of={d} bs=1 seek=8 conv=notrunc,fsync status=none")
     assert not guest.ok(f"veritysetup verify {d} {d} {b.roothash} --hash-offset={layout().verity_hash_offset}"), \
         "the corrupted slot still verifies"
-    with contextlib.suppress(GuestError):
-        guest.reboot()
-    ota.wait_good(old, 600)
-    assert ota.version() == oldv, f"running '{ota.version()}', expected the old '{oldv}'"
-    assert ota.env().get(f"{new}_OK") == "0", f"the corrupt slot {new} is not marked bad: {ota.env()}"
+    ota.expect_rollback(old, oldv, new, 2 * BOOT_TIMEOUT, "corrupt")
     guest.log(f"corrupt slot {new} refused by dm-verity; back on {old} ({oldv})")
 
 
 @pytest.mark.xdist_group("guest-b")
 def test_ota_powercut(ota, guest):
-    old = ota.booted()
-    new = other(old)
-    oldv = ota.version()
+    old, new, oldv = ota.current()
     newv = f"{bundles.base_version()}+powercut"
     b = bundles.make(newv)
     guest.push(b.path, "/data/ota.raucb")
@@ -176,7 +159,7 @@ def test_ota_powercut(ota, guest):
         time.sleep(1)
     assert cut, f"could not cut the power during the write (log: {' '.join(log.splitlines()[-3:])})"
     guest.boot_again()
-    ota.wait_good(old, 300)
+    ota.wait_good(old, BOOT_TIMEOUT)
     assert ota.version() == oldv, f"running '{ota.version()}' after the cut, expected '{oldv}'"
     st = ota.env().get(f"{new}_OK")
     assert st == "0", f"half-written slot {new} is not marked bad ({new}_OK={st})"
@@ -184,6 +167,6 @@ def test_ota_powercut(ota, guest):
     guest.sh("rm -f /data/ota.raucb /data/ota.raucb.part /data/ota-install.log")
     ota.install(b)
     guest.reboot()
-    ota.wait_good(new, 300)
+    ota.wait_good(new, BOOT_TIMEOUT)
     assert ota.version() == newv, f"version is '{ota.version()}', expected '{newv}'"
     guest.log(f"power cut left {old} running; re-install booted {new} ({newv})")
