@@ -44,6 +44,8 @@ TEMPLATE_DEFAULTS = {
 # over 300 s with the machine's cores busy elsewhere. Waits end as soon as the guest is there,
 # so a generous bound costs nothing when all is well.
 BOOT_TIMEOUT = 900.0
+# A booting guest always prints (firmware, GRUB, kernel, systemd): this long a silence is a hang.
+HANG_S = 240
 
 
 class GuestError(AssertionError):
@@ -157,11 +159,19 @@ class Guest:
         return self.sh("cat /proc/sys/kernel/random/boot_id")
 
     def reboot(self, timeout: float = BOOT_TIMEOUT) -> None:
-        """Clean reboot; returns once SSH answers with a new boot id."""
+        """Clean reboot; returns once SSH answers with a new boot id.
+
+        A qemu that goes silent right after the reset (no console output for HANG_S s, SSH
+        down) is power-cycled once, loudly: twice in this project's runs a TCG guest stopped
+        after OVMF's "BdsDxe: starting Boot0001" following a reboot, with not even the armed
+        i6300esb firing, i.e. the emulation, not the appliance, hung. The console up to the
+        hang is kept as serial.hang-N.log next to serial.log."""
         old = self.boot_id()
         self.try_sh("systemctl reboot")
         self.strategy.disconnect()
         deadline = time.monotonic() + timeout
+        start = seen = self.console.mark()
+        quiet_since, cycled = time.monotonic(), False
         while time.monotonic() < deadline:
             if not self.alive():
                 raise GuestError("qemu exited during the reboot")
@@ -170,8 +180,24 @@ class Guest:
                 self.strategy.status = Status.shell
                 return
             self.strategy.disconnect()
+            if self.console.mark() != seen:
+                seen, quiet_since = self.console.mark(), time.monotonic()
+            elif not cycled and time.monotonic() - quiet_since > HANG_S and self._hung_before_kernel(start):
+                n = len(list(self.dir.glob("serial.hang-*.log"))) + 1
+                shutil.copyfile(self.serial_path, self.dir / f"serial.hang-{n}.log")
+                self.log(f"QEMU HANG: no console output for {HANG_S} s after the reset "
+                         f"(last: {self.console.text()[-120:]!r}); power-cycling once")
+                self.power_cut()
+                self.power_on()
+                cycled, quiet_since = True, time.monotonic()
             time.sleep(3)
         raise GuestError(f"the guest did not come back within {timeout:.0f} s")
+
+    def _hung_before_kernel(self, since: int) -> bool:
+        """The console after `since` shows a reset and no kernel start after it."""
+        text = self.console.since(since)
+        reset = text.rfind("machine restart")
+        return reset >= 0 and "Linux version" not in text[reset:]
 
     def close(self) -> None:
         """Power off and release everything (the overlay and logs stay)."""
@@ -257,10 +283,14 @@ class Guest:
 
     def count(self, timeout: float = 10) -> str:
         """What port 9001 answers (the old protocol: the count, then close)."""
-        with socket.create_connection((self.address("legacy"), self.port("legacy")), timeout=timeout) as s:
-            data = b""
-            while chunk := s.recv(4096):
-                data += chunk
+        addr = (self.address("legacy"), self.port("legacy"))
+        try:
+            with socket.create_connection(addr, timeout=timeout) as s:
+                data = b""
+                while chunk := s.recv(4096):
+                    data += chunk
+        except OSError as e:
+            raise GuestError(f"port 9001 ({addr[0]}:{addr[1]}) did not answer within {timeout:.0f} s: {e}") from e
         return data.decode()
 
     def http(self, path: str, timeout: float = 10) -> tuple[int, str]:
