@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 from .disk import _locked
@@ -124,13 +125,21 @@ class Bundle:
         return self.path.name
 
 
+@contextmanager
+def _building(out: Path):
+    """Yields True when `out` must be (re)made, holding a lock on its directory, so that
+    parallel workers make a cached bundle once."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with _locked(out.parent / ".lock"):
+        yield _stale(out)
+
+
 def make(version: str, variant: str = "normal", compatible: str = COMPATIBLE) -> Bundle:
     """A signed bundle of the build's root with IMAGE_VERSION=`version` (cached)."""
     d = cache() / f"{variant}-{version}"
     out = d / f"{compatible}-{version}.raucb"
-    d.mkdir(parents=True, exist_ok=True)
-    with _locked(d / ".lock"):
-        if _stale(out):
+    with _building(out) as stale:
+        if stale:
             img = d / "rootfs.img"
             repack(qemu_build() / "rootfs.img", img, version, variant)
             _bundle_cmd(out, version, compatible, rootfs=img)
@@ -140,11 +149,9 @@ def make(version: str, variant: str = "normal", compatible: str = COMPATIBLE) ->
 
 def incompatible() -> Bundle:
     """The build's own slot image in a bundle for another compatible (powermeter-raspberrypi4-64)."""
-    d = cache() / "incompatible"
-    out = d / "powermeter-raspberrypi4-64-0.raucb"
-    d.mkdir(parents=True, exist_ok=True)
-    with _locked(d / ".lock"):
-        if _stale(out):
+    out = cache() / "incompatible" / "powermeter-raspberrypi4-64-0.raucb"
+    with _building(out) as stale:
+        if stale:
             _bundle_cmd(out, "0", "powermeter-raspberrypi4-64")
     return Bundle(out)
 
@@ -159,16 +166,13 @@ def built() -> Bundle:
 
 def foreign() -> Bundle:
     """The build's slot image signed by a CA the device does not know."""
-    d = cache() / "reject"
-    out = d / "foreign.raucb"
-    d.mkdir(parents=True, exist_ok=True)
-    with _locked(d / ".lock"):
-        if _stale(out):
-            other = d / "other-pki"
-            env = dict(os.environ, POWERMETER_BUILD_DIR=str(other), POWERMETER_PKI_ORG="not powermeter")
-            subprocess.run([str(REPO / "signing" / "dev-pki")], env=env, check=True, capture_output=True)
-            _bundle_cmd(out, "0-foreign", COMPATIBLE, rootfs=qemu_build() / "rootfs.img",
-                        env=dict(os.environ, POWERMETER_BUILD_DIR=str(other)))
+    out = cache() / "reject" / "foreign.raucb"
+    with _building(out) as stale:
+        if stale:
+            env = dict(os.environ, POWERMETER_BUILD_DIR=str(out.parent / "other-pki"))
+            subprocess.run([str(REPO / "signing" / "dev-pki")], env=dict(env, POWERMETER_PKI_ORG="not powermeter"),
+                           check=True, capture_output=True)
+            _bundle_cmd(out, "0-foreign", COMPATIBLE, rootfs=qemu_build() / "rootfs.img", env=env)
     return Bundle(out)
 
 
