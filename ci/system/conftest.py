@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import time
@@ -57,6 +58,7 @@ def pytest_addoption(parser):
 def pytest_configure(config):
     config.addinivalue_line("markers", "xdist_group(name): the scenarios that share one guest")
     config.addinivalue_line("markers", "gpio_sim: the group's guest gets the gpio-sim test disk")
+    config.addinivalue_line("markers", "alone: the group's guest runs with no other guest on the machine")
     config.addinivalue_line("markers", "qemu_x86: needs the qemu x86 appliance (GRUB's environment, a "
                             "disk patched before boot); skipped on other labgrid environments")
     if not hasattr(config, "workerinput"):
@@ -184,19 +186,36 @@ def lab(request) -> Lab:
 
 
 class Guests:
-    """One booted guest per group; the previous group's guest goes off when a new group starts."""
+    """One booted guest per group; a group's guest goes off after its last test.
+
+    Timing-sensitive groups (marker `alone`: the GPIO pulse trains) run with no other guest on
+    the machine: every guest holds a shared lock on build/qemu/test/.guests.lock while it is up,
+    an `alone` guest an exclusive one, so it waits for the other worker's group to end (with two
+    groups of similar length before it, that costs about nothing)."""
 
     def __init__(self, lab: Lab):
         self.lab = lab
         self.group = None
         self.current: Guest | None = None
         self.boot_error: str | None = None
+        self._lock = None
 
-    def get(self, group: str, extra_args: str = "") -> Guest:
+    def _take_lock(self, alone: bool) -> None:
+        self._lock = open(self.lab.build / "test" / ".guests.lock", "a")  # noqa: SIM115 (closed in close())
+        if alone:
+            t0 = time.monotonic()
+            fcntl.flock(self._lock, fcntl.LOCK_EX)
+            if time.monotonic() - t0 > 1:
+                print(f"  [{self.group}] waited {time.monotonic() - t0:.0f} s to run alone", flush=True)
+        else:
+            fcntl.flock(self._lock, fcntl.LOCK_SH)
+
+    def get(self, group: str, extra_args: str = "", alone: bool = False) -> Guest:
         if group != self.group:
             self.close()
             self.group = group
             self.boot_error = None
+            self._take_lock(alone)
             t0 = time.monotonic()
             self.current = self.lab.guest(group, extra_args=extra_args)
             try:
@@ -219,15 +238,28 @@ class Guests:
     def close(self) -> None:
         if self.current is not None:
             self.current.close()
+        if self._lock is not None:
+            self._lock.close()  # releases the flock
         self.current = None
         self.group = None
+        self._lock = None
 
 
 @pytest.fixture(scope="session")
-def guests(lab):
+def guests(lab, request):
     g = Guests(lab)
+    request.config._pm_guests = g
     yield g
     g.close()
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_teardown(item, nextitem):
+    """A group's guest goes off after its last test (releasing its lock for an `alone` group);
+    trylast: after the test's fixtures are torn down (artifacts are saved there)."""
+    g = getattr(item.config, "_pm_guests", None)
+    if g is not None and g.group == group_of(item) and (nextitem is None or group_of(nextitem) != g.group):
+        g.close()
 
 
 def _keep_artifacts(request, lab: Lab, guest_list) -> None:
@@ -257,7 +289,7 @@ def guest(request, guests, lab) -> Guest:
     """The booted guest of this test's group (SSH and powermeter ready); with the `gpio_sim`
     marker, the gpio-sim test disk is attached to it."""
     extra = gpiosim.qemu_args() if request.node.get_closest_marker("gpio_sim") else ""
-    g = guests.get(group_of(request.node), extra)
+    g = guests.get(group_of(request.node), extra, alone=bool(request.node.get_closest_marker("alone")))
     yield g
     _keep_artifacts(request, lab, [g])
 
