@@ -63,9 +63,8 @@ impl Notify {
     }
 }
 
-#[test]
-fn ready_status_watchdog_and_stopping() {
-    let s = Setup::new(225_000.0, 0, 3600);
+/// Starts the daemon with a notify socket and a 0.4 s watchdog; returns once READY=1 came.
+fn start_notified(s: &Setup) -> (Daemon, Notify) {
     let n = Notify::new(s.dir.path());
     let mut cmd = s.command();
     cmd.env("NOTIFY_SOCKET", &n.path)
@@ -74,6 +73,13 @@ fn ready_status_watchdog_and_stopping() {
     wait_until("READY=1", Duration::from_secs(5), || {
         n.count("READY=1") == 1
     });
+    (d, n)
+}
+
+#[test]
+fn ready_status_watchdog_and_stopping() {
+    let s = Setup::new(225_000.0, 0, 3600);
+    let (d, n) = start_notified(&s);
     // READY comes with a status line carrying the reading.
     let ready = n
         .messages()
@@ -274,14 +280,7 @@ fn a_missing_gpio_chip_degrades_instead_of_exiting() {
     let text = text.replace("[input.sim]\nwatts = 225000.0\n", "");
     std::fs::write(s.config(), text).unwrap();
 
-    let n = Notify::new(s.dir.path());
-    let mut cmd = s.command();
-    cmd.env("NOTIFY_SOCKET", &n.path)
-        .env("WATCHDOG_USEC", "400000");
-    let d = s.start_with(cmd);
-    wait_until("READY=1", Duration::from_secs(5), || {
-        n.count("READY=1") == 1
-    });
+    let (d, n) = start_notified(&s);
     assert_eq!(d.count(), saved, "port 9001 serves the saved count");
     let (code, body) = d.get("/health");
     assert_eq!(code, 503, "{body}");
