@@ -9,6 +9,13 @@
 //! contact bounce from `powermeter_pulses_rejected_total`, and swallows edges of a line that
 //! toggles faster than the rounded period. The counting debounce on the kernel's edge stamps
 //! (`debounce_ms`) does the job without those costs.
+//!
+//! Events are read in batches into a buffer of whole events and every one is decoded.
+//! `gpiocdev` 0.8's `read_edge_event` must not be used: with only the `uapi_v2` feature it
+//! reads into a buffer of `size_of::<LineEdgeEvent>()` *u64s* (eight events), decodes the
+//! first and drops the rest, which showed up as "lost" edges whenever two were queued (a
+//! bouncing contact, a pulse during a busy moment). Its async wrapper also leaves the fd's
+//! readiness set after a caller drains the queue, so the next wait spins on the runtime.
 
 use gpiocdev::line::{Bias as LineBias, EdgeDetection};
 use gpiocdev::tokio::AsyncRequest;
@@ -19,11 +26,16 @@ use crate::config::{Bias, Edge, InputConfig};
 /// Kernel event buffer, in edges: room for bursts while the daemon is busy.
 const KERNEL_BUFFER: u32 = 256;
 
+/// Edges taken from the kernel per read.
+const READ_BATCH: usize = 16;
+
 /// An armed GPIO line.
 pub struct GpioSource {
     request: AsyncRequest,
     seq: SeqTracker,
     description: String,
+    /// Raw events as read from the kernel (`READ_BATCH` whole events).
+    buf: Vec<u64>,
 }
 
 impl GpioSource {
@@ -67,10 +79,12 @@ impl GpioSource {
             what: format!("requesting {description}"),
             detail: e.to_string(),
         })?;
+        let buf = vec![0; request.edge_event_u64_size() * READ_BATCH];
         Ok(Self {
             request: AsyncRequest::new(request),
             seq: SeqTracker::default(),
             description,
+            buf,
         })
     }
 }
@@ -81,14 +95,17 @@ impl PulseSource for GpioSource {
             what: format!("reading edge events of {}", self.description),
             detail: e.to_string(),
         };
-        let ev = self.request.read_edge_event().await.map_err(err)?;
-        out.push(EdgeEvent {
-            timestamp_ns: ev.timestamp_ns,
-            lost_before: self.seq.next(ev.line_seqno),
-        });
+        // waits for readiness, reads what is queued (up to READ_BATCH events) and clears the
+        // readiness once the queue is empty: cancel-safe, nothing is read before it returns
+        let words = self
+            .request
+            .read_edge_events_into_slice(&mut self.buf)
+            .await
+            .map_err(err)?;
         let req = self.request.as_ref();
-        while req.has_edge_event().map_err(err)? {
-            let ev = req.read_edge_event().map_err(err)?;
+        let size = req.edge_event_u64_size();
+        for raw in self.buf[..words].chunks_exact(size) {
+            let ev = req.edge_event_from_slice(raw).map_err(err)?;
             out.push(EdgeEvent {
                 timestamp_ns: ev.timestamp_ns,
                 lost_before: self.seq.next(ev.line_seqno),

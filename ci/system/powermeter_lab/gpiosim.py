@@ -13,6 +13,7 @@ The daemon is switched to the GPIO default configuration of the Pi images
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from .guest import Guest, GuestError, wait_until
@@ -46,6 +47,8 @@ class GpioSim:
         self.name = name
         self.pull = ""
         self.chip = ""
+        #: pulsegen's figures of the last train: late_starts, max_late_us, max_bounce_us
+        self.report: dict[str, int] = {}
 
     def load(self) -> None:
         """Mount the test disk and load the module (idempotent)."""
@@ -89,14 +92,26 @@ class GpioSim:
             self.g.sh(f"setsid nohup {cmd} >/run/pulsegen.log 2>&1 </dev/null &")
             return 0
         out = self.g.sh(cmd, timeout=count * period_ms / 1000 * 3 + 120)
-        return int(out.split()[0])
+        return self._report(out)
+
+    def _report(self, out: str) -> int:
+        """Log pulsegen's last line, keep its figures in `self.report`; the rising edges."""
+        line = out.strip().splitlines()[-1] if out.strip() else ""
+        self.g.log(f"pulsegen: {line}")
+        m = re.match(r"(\d+) rising edges, (\d+) late starts \(max (\d+) us late\), "
+                     r"bounces up to (\d+) us after their pulse$", line)
+        if not m:
+            raise GuestError(f"pulsegen printed {out!r}")
+        edges, late, max_late, bounce = (int(g) for g in m.groups())
+        self.report = {"late_starts": late, "max_late_us": max_late, "max_bounce_us": bounce}
+        return edges
 
     def wait_pulsegen(self, timeout: float) -> int:
         """Wait for a background train to end; the rising edges it wrote."""
         done = wait_until(lambda: self.g.run("pgrep -x pulsegen")[0] != 0, timeout)
         if not done:
             raise GuestError(f"pulsegen still running after {timeout:.0f} s")
-        return int(self.g.sh("cat /run/pulsegen.log").split()[0])
+        return self._report(self.g.sh("cat /run/pulsegen.log"))
 
 
 def use_config(guest: Guest, text: str, restart: bool = True) -> None:

@@ -20,7 +20,7 @@ from powermeter_lab.gpiosim import GpioSim, gpio_config, use_config
 from powermeter_lab.guest import Guest, wait_until
 
 # alone: the pulse trains' timing suffers when other guests share the 2 cores (a CI run with
-# three guests at once saw a bounce edge written > 20 ms late, and edges reported lost)
+# three guests at once saw a bounce edge written > 20 ms late: a pulse, not a bounce)
 pytestmark = [pytest.mark.xdist_group("guest-c"), pytest.mark.gpio_sim, pytest.mark.qemu_x86, pytest.mark.alone]
 
 PULSES_PER_KWH = 800  # the Pi default configuration's
@@ -152,22 +152,35 @@ def test_gpio_fast(guest, sim):
 
 
 def test_gpio_debounce(guest, sim, record_property):
-    before = quiet_figures(guest)
     # every pulse bounces: extra rising edges 2.5 and 5 ms after it (debounce_ms = 20). Under
-    # TCG the simulator delivers edges down to ~2.4 ms apart; closer ones it may merge.
-    sent = sim.pulses(30, 200, bounce_ms=(2.5, 5.0))
-    assert sent == 90
-    after = settled(guest, before, 90)
+    # TCG the simulator delivers edges down to ~2.4 ms apart; closer ones it may merge. Edges
+    # that arrive together must all be read: gpiocdev's read_edge_event dropped all but the
+    # first of a batch, which this scenario showed as bounce edges "lost by the kernel".
+    # pulsegen says how late its bounces really were: a guest stall that put a bounce 15 ms or
+    # more after its pulse changed the input (at 20 ms it is a pulse), so such a train is sent
+    # again, at most 3 times; the daemon's figures are never excused.
+    for attempt in range(1, 4):
+        before = quiet_figures(guest)
+        sent = sim.pulses(30, 200, bounce_ms=(2.5, 5.0))
+        assert sent == 90
+        after = settled(guest, before, 90)
+        if sim.report["max_bounce_us"] < 15_000:
+            break
+        guest.log(f"train {attempt}: a bounce was written {sim.report['max_bounce_us']} us after its pulse "
+                  "(guest stall): not the input asked for, sending it again")
+    else:
+        pytest.fail(f"3 trains in a row had a bounce written >= 15 ms after its pulse: the guest is "
+                    f"too slow for this scenario (last: {sim.report})")
     counted = after["powermeter_pulses_total"] - before["powermeter_pulses_total"]
     rejected = after[REJECTED] - before[REJECTED]
     lost = after["powermeter_edges_lost_total"] - before["powermeter_edges_lost_total"]
-    record_property("bounces", f"{rejected:.0f} rejected, {lost:.0f} lost")
+    record_property("bounces", f"{rejected:.0f} rejected, {lost:.0f} lost, train {attempt}, "
+                    f"bounces up to {sim.report['max_bounce_us'] / 1000:.1f} ms")
     assert counted == 30, f"30 bouncing pulses counted as {counted:.0f} ({rejected:.0f} rejected, {lost:.0f} lost)"
-    # every bounce edge is accounted for: rejected by the debounce, or reported lost by the kernel
-    assert rejected + lost == 60 and rejected >= 30, \
+    # every bounce edge reaches the daemon and is rejected by the debounce
+    assert (rejected, lost) == (60, 0), \
         f"of the 60 bounce edges {rejected:.0f} are in {REJECTED} and {lost:.0f} reported lost"
-    guest.log(f"30 pulses with 2 bounces each: {counted:.0f} counted, {rejected:.0f} rejected (debounce), "
-              f"{lost:.0f} reported lost by the kernel")
+    guest.log(f"30 pulses with 2 bounces each: {counted:.0f} counted, {rejected:.0f} rejected (debounce), none lost")
 
 
 def _health(guest: Guest) -> tuple[int, str]:
