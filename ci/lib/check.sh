@@ -33,6 +33,14 @@ apt_need() {
   apt_install "$who" "${need[@]}"
 }
 
+# cargo_tool CRATE VERSION: `cargo install --locked CRATE@VERSION` unless that version is
+# installed (versions: ci/tools.env)
+cargo_tool() {
+  local crate=$1 version=$2
+  cargo install --list 2>/dev/null | grep -qxF "$crate v$version:" && return 0
+  cargo install --locked --quiet "$crate@$version"
+}
+
 passed=0
 failed=0
 pass() { echo "PASS $1"; passed=$((passed + 1)); }
