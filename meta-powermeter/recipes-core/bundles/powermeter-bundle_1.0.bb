@@ -33,3 +33,12 @@ python powermeter_bundle_verity_files() {
     shutil.copyfile(os.path.join(deploy, base + '.verity-params'), os.path.join(unpack, 'rootfs.verity'))
     shutil.copyfile(os.path.join(deploy, base + '.roothash'), os.path.join(unpack, 'rootfs.roothash'))
 }
+
+# The bundle's SBOM: the SPDX 3.0 document oe-core's create-spdx wrote for the image the bundle
+# carries, deployed next to it as <bundle name>.spdx.json (link <bundle link name>.spdx.json).
+do_deploy[depends] += "powermeter-image:do_create_image_sbom_spdx"
+do_deploy:append() {
+    install -m 0644 ${DEPLOY_DIR_IMAGE}/powermeter-image${IMAGE_MACHINE_SUFFIX}${IMAGE_NAME_SUFFIX}.spdx.json \
+        ${DEPLOYDIR}/${BUNDLE_NAME}.spdx.json
+    ln -sf ${BUNDLE_NAME}.spdx.json ${DEPLOYDIR}/${BUNDLE_LINK_NAME}.spdx.json
+}

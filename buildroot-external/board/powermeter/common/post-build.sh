@@ -5,7 +5,8 @@
 # version in os-release, the mount points of fstab and /data, and the machine-id link:
 # /etc/machine-id -> /data/machine-id (the data partition, mounted by the preinit before PID 1;
 # rootfs-overlay/usr/libexec/powermeter/preinit), over an empty /data/machine-id in the root for a
-# boot without the data partition (systemd then makes a transient id).
+# boot without the data partition (systemd then makes a transient id), and the SBOM at
+# /usr/share/powermeter/sbom.cdx.json (see the end).
 #
 # Keyring: $POWERMETER_KEYRING (CA certificates + CRLs, PEM), else the development keyring that
 # signing/dev-pki makes in the repository's build/ (run here when missing). Never a private key.
@@ -60,3 +61,27 @@ mkdir -p "$target/data"
 chmod 0444 "$target/data/machine-id"
 ln -s /data/machine-id "$target/etc/machine-id"
 [ -x "$target/usr/libexec/powermeter/preinit" ] || die "no executable usr/libexec/powermeter/preinit (the kernel's init=)"
+
+# SBOM (CycloneDX, Buildroot's own utils/generate-cyclonedx from `make show-info`: every package
+# of the configuration with version, licenses, sources, patches) at the same path as in every
+# powermeter image; post-image.sh puts copies next to the image and the bundle. It needs only
+# the configuration. generate-cyclonedx fetches the SPDX license list schema into
+# $BR2_DL_DIR/cyclonedx/ once; offline, put spdx-1.6.schema.json there (README "SBOM"). Without
+# it the image is built without an SBOM, with a warning.
+sbom=$target/usr/share/powermeter/sbom.cdx.json
+rm -f "$sbom"
+mkdir -p "$(dirname "$sbom")"
+sub_make() { env -u MAKEFLAGS -u MFLAGS -u MAKELEVEL make -C "$CONFIG_DIR" -s --no-print-directory "$@"; }
+show_info=${BUILD_DIR:-/tmp}/powermeter-show-info.json
+if [ -z "${CONFIG_DIR:-}" ]; then
+  echo "post-build.sh: WARNING: no SBOM (CONFIG_DIR not set: not run from Buildroot)" >&2
+elif topdir=$(sub_make VARS=TOPDIR RAW_VARS=YES printvars | sed -n 's/^TOPDIR=//p') &&
+     sub_make show-info >"$show_info" &&
+     python3 "$topdir/utils/generate-cyclonedx" --project-name "$compatible" --project-version "$version" \
+       -i "$show_info" -o "$sbom.tmp"; then
+  mv "$sbom.tmp" "$sbom"
+  echo "post-build.sh: SBOM /usr/share/powermeter/sbom.cdx.json"
+else
+  rm -f "$sbom.tmp"
+  echo "post-build.sh: WARNING: no SBOM (utils/generate-cyclonedx failed; offline? see README \"SBOM\")" >&2
+fi

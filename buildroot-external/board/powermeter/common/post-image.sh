@@ -9,7 +9,8 @@
 # 3. the disk image with genimage (BOARD_DIR/genimage.cfg): boot, rootfs-a, rootfs-b, data;
 # 4. the signed RAUC bundle <compatible>-<version>.raucb (format verity), by signing/sign-bundle:
 #    keys from POWERMETER_SIGNING_CERT / _KEY / _INTERMEDIATE and POWERMETER_KEYRING, else the
-#    development PKI of signing/dev-pki (signing/README.md).
+#    development PKI of signing/dev-pki (signing/README.md);
+# 5. copies of the SBOM post-build.sh put in the root: sbom.cdx.json and <compatible>-<version>.cdx.json.
 set -euo pipefail
 
 bin=${1:?usage: post-image.sh BINARIES_DIR BOARD_DIR}
@@ -111,3 +112,12 @@ verity-hash-offset=$VERITY_HASH_OFFSET
 MF
 "$repo/signing/sign-bundle" "$content" "$bin/$compatible-$version.raucb"
 echo "post-image.sh: $bin/$compatible-$version.raucb"
+
+# ---- 5. SBOM next to the image and the bundle (post-build.sh wrote it into the root) -----------
+if [ -s "${TARGET_DIR:?}/usr/share/powermeter/sbom.cdx.json" ]; then
+  install -m 0644 "$TARGET_DIR/usr/share/powermeter/sbom.cdx.json" "$bin/sbom.cdx.json"
+  install -m 0644 "$TARGET_DIR/usr/share/powermeter/sbom.cdx.json" "$bin/$compatible-$version.cdx.json"
+  echo "post-image.sh: SBOM $bin/sbom.cdx.json, $bin/$compatible-$version.cdx.json"
+else
+  echo "post-image.sh: WARNING: no SBOM in the root (see post-build.sh)" >&2
+fi
