@@ -57,3 +57,9 @@ def read(path: str) -> dict:
 def runtime_packages(data: dict) -> set[tuple[str, str]]:
     """(name, version) of the packages compiled into the binary (build-only ones left out)."""
     return {(p["name"], p["version"]) for p in data["packages"] if p.get("kind", "runtime") == "runtime"}
+
+
+def missing_from(listed: set[tuple[str, str]], path: str) -> list[str]:
+    """The crates compiled into the binary at `path` that `listed` ((name, version) pairs, e.g. an
+    SBOM's components) does not have, as sorted "name version" strings."""
+    return sorted(f"{n} {v}" for n, v in runtime_packages(read(path)) - listed)
