@@ -5,7 +5,8 @@
 #    and hash tree at VERITY_HASH_OFFSET (BOARD_DIR/layout.env), and rootfs.verity (root hash,
 #    salt, size) for the bootloader;
 # 2. the boot files with slot A's first-boot settings: GRUB (BOARD_DIR/grub.cfg, grubenv) or
-#    U-Boot (boot.scr made by Buildroot from BOARD_DIR/boot.cmd, powermeter-bootenv.txt);
+#    U-Boot (boot.scr from the one boot script of every U-Boot image, images/common/u-boot/,
+#    with BOARD_DIR/boot.params; powermeter-bootenv.txt);
 # 3. the disk image with genimage (BOARD_DIR/genimage.cfg): boot, rootfs-a, rootfs-b, data;
 # 4. the signed RAUC bundle <compatible>-<version>.raucb (format verity), by signing/sign-bundle:
 #    keys from POWERMETER_SIGNING_CERT / _KEY / _INTERMEDIATE and POWERMETER_KEYRING, else the
@@ -60,8 +61,12 @@ if [ -f "$board/grub.cfg" ]; then
   grub-editenv "$efi/grubenv" set ORDER="A B" A_OK=1 A_TRY=0 B_OK=0 B_TRY=0 \
     A_ROOTHASH="$roothash" A_VERITY_SECTORS="$sectors" A_VERITY_BLOCKS="$blocks" A_VERITY_SALT="$salt"
   cp "$board/genimage.cfg" "$genimage_cfg"
-elif [ -f "$board/boot.cmd" ]; then
-  [ -f "$bin/boot.scr" ] || die "$bin/boot.scr not found (BR2_PACKAGE_HOST_UBOOT_TOOLS_BOOT_SCRIPT)"
+elif [ -f "$board/boot.params" ]; then
+  arch=arm
+  grep -q '^BR2_aarch64=y' "${BR2_CONFIG:?BR2_CONFIG not set}" && arch=arm64
+  # mkimage of host-uboot-tools (BR2_PACKAGE_HOST_UBOOT_TOOLS), first in PATH
+  "$repo/images/common/u-boot/mkbootcmd" --arch "$arch" --params "$board/boot.params" \
+    --out "$bin/boot.cmd" --scr "$bin/boot.scr" || die "could not make boot.scr"
   [ -f "$bin/u-boot.bin" ] || die "$bin/u-boot.bin not found (BR2_TARGET_UBOOT)"
   # imported by boot.scr while uboot.env does not exist yet (first boot)
   printf 'BOOT_ORDER=A B\nBOOT_A_LEFT=3\nBOOT_B_LEFT=0\nBOOT_A_ROOTHASH=%s\nBOOT_A_VERITY_SECTORS=%s\nBOOT_A_VERITY_BLOCKS=%s\nBOOT_A_VERITY_SALT=%s\n' \
@@ -73,7 +78,7 @@ elif [ -f "$board/boot.cmd" ]; then
   list=$(printf '\t\t\t"%s",\n' "${files[@]}")
   awk -v list="$list" '$0 == "#BOOT_FILES#" { print list; next } { print }' "$board/genimage.cfg" > "$genimage_cfg"
 else
-  die "$board has neither grub.cfg nor boot.cmd"
+  die "$board has neither grub.cfg nor boot.params"
 fi
 
 # ---- 3. disk image ---------------------------------------------------------------------------
