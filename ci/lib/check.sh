@@ -51,3 +51,35 @@ summary() {
   echo "$passed passed, $failed failed"
   ((failed == 0))
 }
+
+# debian_mirror: the Debian archive URI of the host's apt configuration (deb822 or one-line
+# sources; the security archive skipped), or $POWERMETER_DEBIAN_MIRROR when set
+debian_mirror() {
+  local m=${POWERMETER_DEBIAN_MIRROR:-}
+  if [[ -z $m ]]; then
+    m=$(sed -n 's/^URIs:[[:space:]]*\([^[:space:]]*\).*/\1/p' /etc/apt/sources.list.d/*.sources 2>/dev/null |
+        grep -v security | head -n1 || true)
+  fi
+  if [[ -z $m ]]; then
+    m=$(sed -n 's/^deb[[:space:]]\+\(\[[^]]*\][[:space:]]\+\)\{0,1\}\([^[:space:]]*\).*/\2/p' \
+        /etc/apt/sources.list 2>/dev/null | grep -v security | head -n1 || true)
+  fi
+  [[ -n $m ]] || return 1
+  echo "$m"
+}
+
+# apt_backports WHO PACKAGE...: installs the packages from bookworm-backports (the host's
+# mirror; the source is added once), e.g. qemu 10: bookworm's qemu 7.2 crashes TCG guests
+# with -smp 2 and has no raspi4b machine
+apt_backports() {
+  local who=$1 mirror list=/etc/apt/sources.list.d/powermeter-backports.sources
+  shift
+  (($# > 0)) || return 0
+  if [[ ! -e $list ]] && ! grep -rqs 'bookworm-backports' /etc/apt/sources.list /etc/apt/sources.list.d/; then
+    mirror=$(debian_mirror) || { echo "$who: no Debian mirror in the apt configuration" >&2; return 1; }
+    printf 'Types: deb\nURIs: %s\nSuites: bookworm-backports\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n' \
+      "$mirror" >"$list"
+    apt-get update -q >/dev/null 2>&1 || true
+  fi
+  apt_install "$who" -t bookworm-backports "$@"
+}
