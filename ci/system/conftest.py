@@ -1,6 +1,9 @@
 """pytest + labgrid harness of the appliance system test (run it through `ci/system-test`).
 
 - `--lg-env FILE` (labgrid's option) picks the environment: default `env/qemu-x86_64.yaml`.
+  Scenarios marked `appliance("qemu-arm64")` (the Pi 4 image under qemu -M virt, tests/test_rpi.py)
+  boot from their own environment file when the main one is the qemu x86 one, in the same run
+  and in parallel with the x86 groups.
 - Scenarios are test functions; a scenario's name is the function's name without `test_`,
   with `-` for `_` (`test_boot_ready` is `boot-ready`). `--scenario NAME` (repeatable) runs
   only those.
@@ -27,7 +30,7 @@ from labgrid.pytestplugin.hooks import LABGRID_ENV_KEY
 from powermeter_lab import disk as disks
 from powermeter_lab import gpiosim
 from powermeter_lab.guest import TEMPLATE_DEFAULTS, Guest
-from powermeter_lab.layout import build_dir, qemu_build
+from powermeter_lab.layout import APPLIANCES, build_dir, qemu_build
 
 # what the environment files refer to, before labgrid's plugin loads one
 for _k, _v in TEMPLATE_DEFAULTS.items():
@@ -59,6 +62,8 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "xdist_group(name): the scenarios that share one guest")
     config.addinivalue_line("markers", "gpio_sim: the group's guest gets the gpio-sim test disk")
     config.addinivalue_line("markers", "alone: the group's guest runs with no other guest on the machine")
+    config.addinivalue_line("markers", "appliance(name): the group's guest is that appliance (layout.APPLIANCES), "
+                            "booted from its own labgrid environment next to the main one")
     config.addinivalue_line("markers", "qemu_x86: needs the qemu x86 appliance (GRUB's environment, a "
                             "disk patched before boot); skipped on other labgrid environments")
     if not hasattr(config, "workerinput"):
@@ -146,19 +151,21 @@ class Lab:
     environments the image it names (`images.disk`), of which a pristine copy with the test
     key is made once, and OVMF's variable store (`images.ovmf_vars`) where it has one."""
 
-    def __init__(self, config):
-        self.env_file = Path(config.getoption("lg_env") or DEFAULT_ENV).resolve()
-        env = config.stash.get(LABGRID_ENV_KEY, None)
+    def __init__(self, config, env_file: Path | None = None):
+        self.env_file = (env_file or Path(config.getoption("lg_env") or DEFAULT_ENV)).resolve()
+        env = config.stash.get(LABGRID_ENV_KEY, None) if env_file is None else None
         cfg = env.config if env else Environment(str(self.env_file)).config
         self.appliance = cfg.get_option("appliance", "")
         images = cfg.data.get("images") or {}
         self.build = qemu_build()
         worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
-        self.workdir = self.build / "test" / worker
+        self.workdir = self.build / "test" / (worker if env_file is None else f"{worker}-{self.appliance}")
         self.artifacts = self.build / "test" / "artifacts"
         self.key = disks.ssh_key(self.build)
         self.qemu = "disk" in images
-        self.pristine = disks.pristine(Path(cfg.get_image_path("disk")), self.key) if self.qemu else None
+        app = APPLIANCES.get(self.appliance)
+        self.pristine = disks.pristine(Path(cfg.get_image_path("disk")), self.key,
+                                       app.test_config if app else None) if self.qemu else None
         self.ovmf_vars = Path(cfg.get_image_path("ovmf_vars")) if "ovmf_vars" in images else None
         self._n = 0
 
@@ -181,8 +188,27 @@ class Lab:
 
 
 @pytest.fixture(scope="session")
-def lab(request) -> Lab:
-    return Lab(request.config)
+def labs(request) -> dict[str, Lab]:
+    """The main lab, and the other appliances' labs as scenarios ask for them."""
+    return {"": Lab(request.config)}
+
+
+def lab_of(item, labs: dict[str, Lab]) -> Lab:
+    """The lab a scenario's guest comes from: its `appliance` marker's, when the main lab is
+    the qemu x86 one (a bench runs everything on its own hardware), else the main lab."""
+    main = labs[""]
+    marker = item.get_closest_marker("appliance")
+    want = marker.args[0] if marker and marker.args else ""
+    if not want or want == main.appliance or main.appliance != "qemu-x86_64":
+        return main
+    if want not in labs:
+        labs[want] = Lab(item.config, APPLIANCES[want].env_file)
+    return labs[want]
+
+
+@pytest.fixture
+def lab(request, labs) -> Lab:
+    return lab_of(request.node, labs)
 
 
 class Guests:
@@ -194,7 +220,7 @@ class Guests:
     groups of similar length before it, that costs about nothing)."""
 
     def __init__(self, lab: Lab):
-        self.lab = lab
+        self.lab = lab  # the main lab: the lock file lives in its build directory
         self.group = None
         self.current: Guest | None = None
         self.boot_error: str | None = None
@@ -210,14 +236,14 @@ class Guests:
         else:
             fcntl.flock(self._lock, fcntl.LOCK_SH)
 
-    def get(self, group: str, extra_args: str = "", alone: bool = False) -> Guest:
+    def get(self, group: str, extra_args: str = "", alone: bool = False, lab: Lab | None = None) -> Guest:
         if group != self.group:
             self.close()
             self.group = group
             self.boot_error = None
             self._take_lock(alone)
             t0 = time.monotonic()
-            self.current = self.lab.guest(group, extra_args=extra_args)
+            self.current = (lab or self.lab).guest(group, extra_args=extra_args)
             try:
                 self.current.boot()
                 self.current.log(f"ready {time.monotonic() - t0:.0f} s after power on; kernel start "
@@ -246,8 +272,8 @@ class Guests:
 
 
 @pytest.fixture(scope="session")
-def guests(lab, request):
-    g = Guests(lab)
+def guests(labs, request):
+    g = Guests(labs[""])
     request.config._pm_guests = g
     yield g
     g.close()
@@ -289,7 +315,7 @@ def guest(request, guests, lab) -> Guest:
     """The booted guest of this test's group (SSH and powermeter ready); with the `gpio_sim`
     marker, the gpio-sim test disk is attached to it."""
     extra = gpiosim.qemu_args() if request.node.get_closest_marker("gpio_sim") else ""
-    g = guests.get(group_of(request.node), extra, alone=bool(request.node.get_closest_marker("alone")))
+    g = guests.get(group_of(request.node), extra, alone=bool(request.node.get_closest_marker("alone")), lab=lab)
     yield g
     _keep_artifacts(request, lab, [g])
 

@@ -1,10 +1,11 @@
 """Signed RAUC test bundles, and the HTTP server the guest streams them from.
 
-Test bundles are made from the build's slot image (build/qemu/rootfs.img) by repacking its
+Test bundles are made from the build's slot image (build/qemu/rootfs.img, or build/rpi4/ for
+the arm64 Pi image: every function takes the `Appliance`, default the x86 one) by repacking its
 squashfs with another version in os-release (and, for the `unhealthy` variant, a powermeterd
 that exits at once), then formatting a fresh dm-verity tree at VERITY_HASH_OFFSET and signing
 with the development PKI through `images/qemu/bundle`: real bootable roots, each with its own
-verity tree and root hash. They are cached under build/qemu/ota/ (remade when rootfs.img is
+verity tree and root hash. They are cached under build/<image>/ota/ (remade when rootfs.img is
 newer), so parallel groups and later runs share them.
 """
 
@@ -21,14 +22,14 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .disk import _locked
-from .layout import REPO, layout, qemu_build
+from .layout import REPO, X86, Appliance, layout
 
-COMPATIBLE = "powermeter-qemu-x86_64"
+COMPATIBLE = X86.compatible
 
 
-def cache() -> Path:
-    """build/qemu/ota: bundles, their slot images' root hashes, the served directory."""
-    return qemu_build() / "ota"
+def cache(app: Appliance = X86) -> Path:
+    """build/<image>/ota: bundles, their slot images' root hashes, the served directory."""
+    return app.build / "ota"
 
 
 def _os_release_version(tree: Path) -> str:
@@ -39,24 +40,24 @@ def _os_release_version(tree: Path) -> str:
     return ""
 
 
-def base_version() -> str:
+def base_version(app: Appliance = X86) -> str:
     """IMAGE_VERSION of the built slot image."""
     with tempfile.TemporaryDirectory() as d:
         tree = Path(d) / "t"
-        subprocess.run(["unsquashfs", "-q", "-n", "-d", str(tree), str(qemu_build() / "rootfs.img"),
+        subprocess.run(["unsquashfs", "-q", "-n", "-d", str(tree), str(app.build / "rootfs.img"),
                         "etc/os-release", "usr/lib/os-release"], capture_output=True, check=False)
         return _os_release_version(tree) or "0"
 
 
-def _stale(out: Path) -> bool:
-    src = qemu_build() / "rootfs.img"
+def _stale(out: Path, app: Appliance = X86) -> bool:
+    src = app.build / "rootfs.img"
     return not out.exists() or out.stat().st_size == 0 or out.stat().st_mtime < src.stat().st_mtime
 
 
-def repack(src: Path, out: Path, version: str, variant: str = "normal") -> str:
+def repack(src: Path, out: Path, version: str, variant: str = "normal", app: Appliance = X86) -> str:
     """Write the slot image `out` (squashfs + verity tree) with IMAGE_VERSION=`version`; its
     root hash goes to out.roothash and is returned."""
-    offset = layout().verity_hash_offset
+    offset = layout(app.layout_env).verity_hash_offset
     with tempfile.TemporaryDirectory(dir=out.parent) as d:
         tree = Path(d) / "tree"
         subprocess.run(["unsquashfs", "-q", "-n", "-d", str(tree), str(src)], check=True, capture_output=True)
@@ -102,9 +103,10 @@ def repack(src: Path, out: Path, version: str, variant: str = "normal") -> str:
     return m.group(1)
 
 
-def _bundle_cmd(out: Path, version: str, compatible: str, rootfs: Path | None = None, env=None) -> None:
+def _bundle_cmd(out: Path, version: str, compatible: str, rootfs: Path | None = None, env=None,
+                app: Appliance = X86) -> None:
     cmd = [str(REPO / "images" / "qemu" / "bundle"), "--version", version, "--compatible", compatible,
-           "--output", str(out)]
+           "--output", str(out), "--layout", str(app.layout_env)]
     if rootfs:
         cmd += ["--rootfs", str(rootfs)]
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
@@ -126,23 +128,24 @@ class Bundle:
 
 
 @contextmanager
-def _building(out: Path):
+def _building(out: Path, app: Appliance = X86):
     """Yields True when `out` must be (re)made, holding a lock on its directory, so that
     parallel workers make a cached bundle once."""
     out.parent.mkdir(parents=True, exist_ok=True)
     with _locked(out.parent / ".lock"):
-        yield _stale(out)
+        yield _stale(out, app)
 
 
-def make(version: str, variant: str = "normal", compatible: str = COMPATIBLE) -> Bundle:
+def make(version: str, variant: str = "normal", compatible: str | None = None, app: Appliance = X86) -> Bundle:
     """A signed bundle of the build's root with IMAGE_VERSION=`version` (cached)."""
-    d = cache() / f"{variant}-{version}"
+    compatible = compatible or app.compatible
+    d = cache(app) / f"{variant}-{version}"
     out = d / f"{compatible}-{version}.raucb"
-    with _building(out) as stale:
+    with _building(out, app) as stale:
         if stale:
             img = d / "rootfs.img"
-            repack(qemu_build() / "rootfs.img", img, version, variant)
-            _bundle_cmd(out, version, compatible, rootfs=img)
+            repack(app.build / "rootfs.img", img, version, variant, app)
+            _bundle_cmd(out, version, compatible, rootfs=img, app=app)
             img.unlink()
     return Bundle(out, (d / "rootfs.roothash").read_text().strip())
 
@@ -156,11 +159,11 @@ def incompatible() -> Bundle:
     return Bundle(out)
 
 
-def built() -> Bundle:
-    """The bundle images/qemu/build wrote (the newest)."""
-    found = sorted(qemu_build().glob(f"{COMPATIBLE}-*.raucb"), key=lambda p: p.stat().st_mtime)
+def built(app: Appliance = X86) -> Bundle:
+    """The bundle the image's build wrote (the newest)."""
+    found = sorted(app.build.glob(f"{app.compatible}-*.raucb"), key=lambda p: p.stat().st_mtime)
     if not found:
-        raise FileNotFoundError(f"no {qemu_build()}/{COMPATIBLE}-*.raucb (images/qemu/build makes it)")
+        raise FileNotFoundError(f"no {app.build}/{app.compatible}-*.raucb (the image build makes it)")
     return Bundle(found[-1])
 
 
@@ -172,7 +175,7 @@ def foreign() -> Bundle:
             env = dict(os.environ, POWERMETER_BUILD_DIR=str(out.parent / "other-pki"))
             subprocess.run([str(REPO / "signing" / "dev-pki")], env=dict(env, POWERMETER_PKI_ORG="not powermeter"),
                            check=True, capture_output=True)
-            _bundle_cmd(out, "0-foreign", COMPATIBLE, rootfs=qemu_build() / "rootfs.img", env=env)
+            _bundle_cmd(out, "0-foreign", COMPATIBLE, rootfs=X86.build / "rootfs.img", env=env)
     return Bundle(out)
 
 

@@ -41,27 +41,30 @@ def ssh_key(build: Path | None = None) -> Path:
     return key
 
 
-def provision_key(disk: Path, pub: Path) -> None:
-    """Write `pub` as /data/ssh/authorized_keys (root, 0600) into the data partition of the raw
-    disk image `disk` (images/qemu/provision-key, which images/qemu/run uses too)."""
-    p = subprocess.run([str(REPO / "images" / "qemu" / "provision-key"), str(disk), str(pub)],
+def provision_key(disk: Path, pub: Path, config: Path | None = None) -> None:
+    """Write `pub` as /data/ssh/authorized_keys (root, 0600), and `config` as the device's daemon
+    configuration, into the data partition of the raw disk image `disk`
+    (images/qemu/provision-key, which images/qemu/run uses too)."""
+    p = subprocess.run([str(REPO / "images" / "qemu" / "provision-key"), str(disk), str(pub),
+                        *([str(config)] if config else [])],
                        capture_output=True, text=True, check=False)
     if p.returncode != 0:
         raise RuntimeError(p.stderr.strip() or f"provision-key {disk} failed")
 
 
-def pristine(image: Path, key: Path) -> Path:
+def pristine(image: Path, key: Path, config: Path | None = None) -> Path:
     """The test disk: <image dir>/test/pristine.img, a copy of `image` with the public half of
-    `key` provisioned. Remade when the image (or the key) is newer. Safe from parallel workers."""
+    `key` (and `config`, when given) provisioned. Remade when the image, the key or the config is
+    newer. Safe from parallel workers."""
     if not image.exists():
         raise FileNotFoundError(f"no {image}: build the image first (ci/system-test does)")
     out = image.parent / "test" / "pristine.img"
     with _locked(out.parent / ".pristine.lock"):
-        newest = max(image.stat().st_mtime, key.stat().st_mtime)
+        newest = max(image.stat().st_mtime, key.stat().st_mtime, config.stat().st_mtime if config else 0)
         if not out.exists() or out.stat().st_mtime < newest:
             tmp = out.with_suffix(".tmp")
             subprocess.run(["cp", "--sparse=always", str(image), str(tmp)], check=True)
-            provision_key(tmp, Path(f"{key}.pub"))
+            provision_key(tmp, Path(f"{key}.pub"), config)
             tmp.rename(out)
     return out
 

@@ -25,8 +25,8 @@ pytestmark = pytest.mark.qemu_x86  # the A/B state is read from GRUB's environme
 
 
 @pytest.fixture(scope="session")
-def server(lab):
-    srv = bundles.BundleServer(bundles.cache() / "www" / lab.workdir.name, host_address="10.0.2.2")
+def server(labs):
+    srv = bundles.BundleServer(bundles.cache() / "www" / labs[""].workdir.name, host_address="10.0.2.2")
     yield srv
     srv.close()
 
