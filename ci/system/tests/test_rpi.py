@@ -153,8 +153,10 @@ def test_rpi_env_powercut(ota, guest):
     mark = guest.console.mark()
     guest.power_cut()
     _boot_after_cut(guest, ota, good, "a torn boot state file")
+    # (U-Boot's own "Loading Environment from Flash... bad CRC" is there at every boot on virt:
+    # the script's import of the file is what must have failed)
     after = guest.console.since(mark)
-    assert "bad CRC" in after or "import failed" in after, "U-Boot did not notice the torn boot state file"
+    assert "import failed" in after, "U-Boot's boot script did not notice the torn boot state file"
     env = uboot_env(guest)
     assert env.get("BOOT_ORDER"), f"no boot state after the torn file: {env}"
     guest.log(f"three power cuts around the boot state; slot {good} booted each time; state now {env}")
