@@ -11,7 +11,7 @@
 # mmdebstrap options of every image: no recommends, no manuals, docs or translations (the
 # copyright files stay: the SBOM's licences). Run mmdebstrap with INITRD=No in its environment:
 # the kernel hooks then make no initramfs at package install time (each builder makes the one
-# initramfs the image needs, once: dracut under qemu-user takes minutes).
+# initramfs the image needs, once, with image_initramfs).
 image_mmdebstrap_opts=(
   --mode=root --variant=minbase
   --aptopt='APT::Install-Recommends "false"'
@@ -80,14 +80,16 @@ image_install_app() {
   chroot "$root" passwd -l root >/dev/null
 }
 
-# image_dracut ROOT: the one initramfs of the image (/etc/dracut.conf.d of the overlays), at
-# /boot/initrd.img-<kernel version>, with /boot/vmlinuz and /boot/initrd.img linking to it
-image_dracut() {
+# image_initramfs ROOT MODULE...: the one initramfs of the image (images/common/initramfs/: no
+# udev, no systemd; it opens the slot under dm-verity and mounts /data) with the kernel modules
+# named, at /boot/initrd.img-<kernel version>, with /boot/vmlinuz and /boot/initrd.img linking to it
+image_initramfs() {
   local root=$1 kver
-  kver=$(basename "$(ls -d "$root"/usr/lib/modules/*)")
-  log "dracut for $kver"
+  shift
+  kver=$(basename "$(find "$root/usr/lib/modules" -mindepth 1 -maxdepth 1 -type d | sort | tail -n1)")
+  log "initramfs for $kver"
   rm -f "$root"/boot/initrd.img-*
-  chroot "$root" dracut --force --reproducible --kver "$kver" "/boot/initrd.img-$kver" >/dev/null
+  "$repo/images/common/initramfs/mkinitramfs" "$root" "$root/boot/initrd.img-$kver" "$@"
   ln -sf "vmlinuz-$kver" "$root/boot/vmlinuz"
   ln -sf "initrd.img-$kver" "$root/boot/initrd.img"
 }
