@@ -40,7 +40,7 @@ os.environ.setdefault("POWERMETER_BUILD_DIR", str(build_dir()))
 HERE = Path(__file__).resolve().parent
 DEFAULT_ENV = HERE / "env" / "qemu-x86_64.yaml"
 DEFAULT_GROUP = "guest-a"
-FIRST_GROUPS = ["rpi"]
+FIRST_GROUPS = ["rpi-b", "guest-a", "rpi"]
 
 
 def scenario_name(item_or_nodeid) -> str:

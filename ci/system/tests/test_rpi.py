@@ -8,10 +8,13 @@ opened in the initramfs, the same units, RAUC hooks and mark-good as the x86 ima
 differs from a real Pi 4 is the board: virtio disk and network instead of the SD card and
 genet, qemu's i6300esb instead of the SoC watchdog, no Pi firmware stage (qemu starts U-Boot).
 
-All scenarios share the guest of group `rpi`, in file order; a reboot resets qemu in place, so
-the boots of the rollback are one qemu process. Costs on the 2-core machine (TCG, next to an x86
-guest): rpi-boot-ready ~150 s (the boot), rpi-ota-install ~300 s, rpi-rollback-unhealthy ~600 s,
-rpi-env-powercut ~400 s (three power cuts and boots).
+Two groups, two guests, so that both workers share the arm64 boots: `rpi` (rpi-boot-ready,
+rpi-ota-install, rpi-env-powercut) and `rpi-b` (rpi-rollback-unhealthy, rpi-rollback-corrupt),
+each in file order on one guest; a reboot resets qemu in place, so the boots of a rollback are
+one qemu process. Costs on the 2-core machine (TCG, next to another guest; before the
+initramfs without udev): rpi-boot-ready ~150 s (the boot), rpi-ota-install ~300 s,
+rpi-rollback-unhealthy ~600 s, rpi-env-powercut ~400 s (three power cuts and boots),
+rpi-rollback-corrupt: see the README's table.
 """
 
 from __future__ import annotations
@@ -23,10 +26,12 @@ import pytest
 
 from powermeter_lab import bundles
 from powermeter_lab.guest import BOOT_TIMEOUT, Guest, GuestError, wait_until
-from powermeter_lab.layout import ARM64
+from powermeter_lab.layout import ARM64, layout
 from powermeter_lab.ota import Updater, other
 
-pytestmark = [pytest.mark.appliance("qemu-arm64"), pytest.mark.xdist_group("rpi")]
+pytestmark = [pytest.mark.appliance("qemu-arm64")]
+# the second arm64 guest: the scenarios that end with a rolled-back slot
+ROLLBACK = pytest.mark.xdist_group("rpi-b")
 
 BOOT = "/boot/firmware"
 
@@ -58,6 +63,7 @@ def wait_marked_good(g: Guest) -> None:
         f"the booted slot was not marked good: {g.try_sh('journalctl -u powermeter-mark-good -o cat | tail -n 3')}"
 
 
+@pytest.mark.xdist_group("rpi")
 def test_rpi_boot_ready(guest):
     assert guest.sh("uname -m") == "aarch64", "not an arm64 guest"
     console = guest.console.text()
@@ -79,6 +85,7 @@ def test_rpi_boot_ready(guest):
               f"boot state {env}")
 
 
+@pytest.mark.xdist_group("rpi")
 def test_rpi_ota_install(ota, guest):
     old, new, oldv = ota.current()
     newv = f"{bundles.base_version(ARM64)}+ota1"
@@ -102,6 +109,7 @@ def test_rpi_ota_install(ota, guest):
     guest.log(f"slot {old} ({oldv}) -> {new} ({newv}) through U-Boot; counter {c1} -> {c2}")
 
 
+@ROLLBACK
 def test_rpi_rollback_unhealthy(ota, guest):
     old, new, oldv = ota.current()
     b = bundles.make(f"{bundles.base_version(ARM64)}+unhealthy", "unhealthy", app=ARM64)
@@ -121,6 +129,35 @@ def test_rpi_rollback_unhealthy(ota, guest):
     guest.log(f"slot {new} failed {tries} trial boots; back on {old} ({oldv}); boot state {env}")
 
 
+@ROLLBACK
+def test_rpi_rollback_corrupt(ota, guest):
+    old, new, oldv = ota.current()
+    b = bundles.make(f"{bundles.base_version(ARM64)}+corrupt", app=ARM64)
+    ota.install(b)
+    # 4 bytes of the new slot's first block (the squashfs superblock's mkfs time): U-Boot reads
+    # the kernel from the boot partition and the initramfs opens the slot under dm-verity, so
+    # only dm-verity can notice; the hash tree must refuse the block
+    d = f"/dev/disk/by-partlabel/rootfs-{new.lower()}"
+    guest.sh(f"printf '\\336\\255\\276\\357' | dd of={d} bs=1 seek=8 conv=notrunc,fsync status=none")
+    offset = layout(ARM64.layout_env).verity_hash_offset
+    assert not guest.ok(f"veritysetup verify {d} {d} {b.roothash} --hash-offset={offset}"), \
+        "the corrupted slot still verifies"
+    mark = guest.console.mark()
+    with contextlib.suppress(GuestError):
+        guest.reboot()
+    ota.wait_good(old, 3 * BOOT_TIMEOUT)
+    assert ota.version() == oldv, f"running '{ota.version()}', expected the old '{oldv}'"
+    console = guest.console.since(mark)
+    tries = console.count(f"powermeter: booting slot {new}")
+    assert tries == 3, f"U-Boot booted the corrupted slot {new} {tries} times, expected 3"
+    assert "verity" in console and "corrupted" in console, \
+        "no dm-verity corruption report on the console during the trial boots"
+    wait_marked_good(guest)
+    env = uboot_env(guest)
+    assert new not in env.get("BOOT_ORDER", "").split(), f"the corrupted slot {new} is not marked bad: {env}"
+    guest.log(f"corrupted slot {new} refused by dm-verity {tries} times; back on {old} ({oldv}); boot state {env}")
+
+
 def _boot_after_cut(guest: Guest, ota: Updater, good: str, what: str) -> None:
     guest.boot_again()
     ota.wait_good(good, BOOT_TIMEOUT)
@@ -129,6 +166,7 @@ def _boot_after_cut(guest: Guest, ota: Updater, good: str, what: str) -> None:
     wait_marked_good(guest)
 
 
+@pytest.mark.xdist_group("rpi")
 def test_rpi_env_powercut(ota, guest):
     good = ota.booted()
     env0 = uboot_env(guest)
