@@ -82,8 +82,10 @@ def pytest_collection_modifyitems(config, items):
         config.hook.pytest_deselected(items=[i for i in items if i not in keep])
         items[:] = keep
     # the tests of a group one after another, in file order (a group is one guest's life); the
-    # groups in order of FIRST_GROUPS, then of their files: the longest guest (the arm64 one)
-    # starts first, so that the other worker works through the x86 groups meanwhile
+    # groups in order of FIRST_GROUPS, then of their files. xdist's loadgroup gives each of the
+    # two workers two groups at the start, alternating (1st and 3rd, 2nd and 4th), the rest to
+    # whichever is free first: so one worker runs the two arm64 guests (rpi-b, rpi) while the
+    # other runs guest-a and guest-b, the longest x86 groups, and guest-c (GPIO, run alone) last
     order: dict[str, int] = {}
     for i in items:
         order.setdefault(group_of(i), len(order))
