@@ -27,10 +27,11 @@ import pytest
 from labgrid import Environment
 from labgrid.pytestplugin.hooks import LABGRID_ENV_KEY
 
+from powermeter_lab import bundles, gpiosim
 from powermeter_lab import disk as disks
-from powermeter_lab import gpiosim
 from powermeter_lab.guest import TEMPLATE_DEFAULTS, Guest
-from powermeter_lab.layout import APPLIANCES, build_dir, qemu_build
+from powermeter_lab.layout import APPLIANCES, X86, build_dir, qemu_build
+from powermeter_lab.ota import Updater
 
 # what the environment files refer to, before labgrid's plugin loads one
 for _k, _v in TEMPLATE_DEFAULTS.items():
@@ -324,6 +325,29 @@ def guest(request, guests, lab) -> Guest:
     g = guests.get(group_of(request.node), extra, alone=bool(request.node.get_closest_marker("alone")), lab=lab)
     yield g
     _keep_artifacts(request, lab, [g])
+
+
+@pytest.fixture(scope="session")
+def bundle_servers(labs):
+    """The HTTP servers RAUC streams test bundles from, one per appliance (and worker), each
+    started when a scenario of that appliance first asks for it."""
+    servers: dict[str, bundles.BundleServer] = {}
+    yield servers
+    for srv in servers.values():
+        srv.close()
+
+
+@pytest.fixture
+def ota(guest, lab, labs, bundle_servers) -> Updater:
+    """RAUC on the group's guest, with the bundles of its appliance served from the host (qemu's
+    user network reaches it at the guest's `host_address`)."""
+    app = APPLIANCES.get(lab.appliance, X86)
+    srv = bundle_servers.get(app.name)
+    if srv is None:
+        srv = bundle_servers[app.name] = bundles.BundleServer(
+            bundles.cache(app) / "www" / labs[""].workdir.name, host_address="10.0.2.2")
+    srv.host_address = guest.host_address
+    return Updater(guest, srv)
 
 
 @pytest.fixture

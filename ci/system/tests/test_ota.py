@@ -19,22 +19,9 @@ import pytest
 from powermeter_lab import bundles
 from powermeter_lab.guest import BOOT_TIMEOUT, wait_until
 from powermeter_lab.layout import layout
-from powermeter_lab.ota import Updater, dev
+from powermeter_lab.ota import dev
 
 pytestmark = pytest.mark.qemu_x86  # the A/B state is read from GRUB's environment
-
-
-@pytest.fixture(scope="session")
-def server(labs):
-    srv = bundles.BundleServer(bundles.cache() / "www" / labs[""].workdir.name, host_address="10.0.2.2")
-    yield srv
-    srv.close()
-
-
-@pytest.fixture
-def ota(guest, server) -> Updater:
-    server.host_address = guest.host_address
-    return Updater(guest, server)
 
 
 @pytest.mark.xdist_group("guest-b")

@@ -36,19 +36,6 @@ ROLLBACK = pytest.mark.xdist_group("rpi-b")
 BOOT = "/boot/firmware"
 
 
-@pytest.fixture(scope="module")
-def server(labs):
-    srv = bundles.BundleServer(bundles.cache(ARM64) / "www" / labs[""].workdir.name, host_address="10.0.2.2")
-    yield srv
-    srv.close()
-
-
-@pytest.fixture
-def ota(guest, server) -> Updater:
-    server.host_address = guest.host_address
-    return Updater(guest, server)
-
-
 def uboot_env(g: Guest) -> dict[str, str]:
     """The boot state as Linux reads it (fw_printenv, /etc/fw_env.config)."""
     lines = g.sh("fw_printenv").splitlines()
