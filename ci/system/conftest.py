@@ -66,6 +66,7 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "alone: the group's guest runs with no other guest on the machine")
     config.addinivalue_line("markers", "appliance(name): the group's guest is that appliance (layout.APPLIANCES), "
                             "booted from its own labgrid environment next to the main one")
+    config.addinivalue_line("markers", "long: a long scenario, run only when named with --scenario")
     config.addinivalue_line("markers", "qemu_x86: needs the qemu x86 appliance (GRUB's environment, a "
                             "disk patched before boot); skipped on other labgrid environments")
     if not hasattr(config, "workerinput"):
@@ -82,6 +83,11 @@ def pytest_collection_modifyitems(config, items):
         keep = [i for i in items if scenario_name(i) in wanted]
         config.hook.pytest_deselected(items=[i for i in items if i not in keep])
         items[:] = keep
+    else:
+        long = [i for i in items if i.get_closest_marker("long")]
+        if long:
+            config.hook.pytest_deselected(items=long)
+            items[:] = [i for i in items if i not in long]
     # the tests of a group one after another, in file order (a group is one guest's life); the
     # groups in order of FIRST_GROUPS, then of their files. xdist's loadgroup gives each of the
     # two workers two groups at the start, alternating (1st and 3rd, 2nd and 4th), the rest to
@@ -153,6 +159,24 @@ def pytest_runtest_makereport(item, call):
     setattr(item, f"rep_{rep.when}", rep)
 
 
+def wait_for_build(status: str | None, log: Path, timeout: float = 3600) -> None:
+    """Wait for an image build that ci/system-test started beside the first guests: it writes
+    its exit status to the file `status` when it ends. Nothing to wait for without one."""
+    if not status:
+        return
+    path = Path(status)
+    t0 = time.monotonic()
+    while not path.exists():
+        if time.monotonic() - t0 > timeout:
+            raise RuntimeError(f"the image build did not end within {timeout:.0f} s (log: {log})")
+        time.sleep(5)
+    if time.monotonic() - t0 > 5:
+        print(f"  waited {time.monotonic() - t0:.0f} s for the image build", flush=True)
+    rc = path.read_text().strip()
+    if rc != "0":
+        raise RuntimeError(f"the image build failed (exit {rc}; log: {log})")
+
+
 class Lab:
     """What every guest of this worker is made from: the labgrid environment file, and for qemu
     environments the image it names (`images.disk`), of which a pristine copy with the test
@@ -171,6 +195,8 @@ class Lab:
         self.key = disks.ssh_key(self.build)
         self.qemu = "disk" in images
         app = APPLIANCES.get(self.appliance)
+        if app is not None and app.name == "qemu-arm64":
+            wait_for_build(os.environ.get("POWERMETER_RPI4_BUILD_STATUS"), build_dir() / "rpi4-build.log")
         self.pristine = disks.pristine(Path(cfg.get_image_path("disk")), self.key,
                                        app.test_config if app else None) if self.qemu else None
         self.ovmf_vars = Path(cfg.get_image_path("ovmf_vars")) if "ovmf_vars" in images else None
