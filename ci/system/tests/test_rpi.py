@@ -51,7 +51,7 @@ def wait_marked_good(g: Guest) -> None:
 
 
 @pytest.mark.xdist_group("rpi")
-def test_rpi_boot_ready(guest):
+def test_rpi_boot_ready(guest, record_property):
     assert guest.sh("uname -m") == "aarch64", "not an arm64 guest"
     console = guest.console.text()
     assert "powermeter: booting slot A" in console, "U-Boot did not run the powermeter boot script"
@@ -68,6 +68,7 @@ def test_rpi_boot_ready(guest):
     assert booted.strip("'\"") == "A", f"RAUC says the booted slot is {booted}"
     c = guest.count()
     assert c.isdigit(), f"port 9001 answered '{c}'"
+    record_property("kernel_to_ready_s", f"{guest.ready_seconds():.1f}")
     guest.log(f"arm64 through U-Boot: slot A, kernel start to READY=1 {guest.ready_seconds():.1f} s; "
               f"boot state {env}")
 
@@ -91,6 +92,9 @@ def test_rpi_ota_install(ota, guest):
     wait_marked_good(guest)
     env = uboot_env(guest)
     assert env.get(f"BOOT_{new}_LEFT") == "3", f"slot {new} not marked good: {env}"
+    start = guest.sh(f"grep ^BOOT_ORDER= {BOOT}/powermeter-bootenv.txt")
+    assert start == f"BOOT_ORDER={new} {old}", \
+        f"the state U-Boot starts over from still puts the old slot first: {start}"
     c2 = ota.count()
     assert c2 >= c1, f"counter went back from {c1} to {c2} over the update"
     guest.log(f"slot {old} ({oldv}) -> {new} ({newv}) through U-Boot; counter {c1} -> {c2}")
@@ -171,8 +175,9 @@ def test_rpi_env_powercut(ota, guest):
     guest.power_cut()
     _boot_after_cut(guest, ota, good, "a cut while fw_setenv wrote the boot state")
     # 3. a torn write for certain: half a block of the state file overwritten, then the plug.
-    # U-Boot finds a bad CRC, starts over from powermeter-bootenv.txt, and still boots a slot
-    # with a root hash (a failed slot has none: mark-good removed its slot.env)
+    # U-Boot finds a bad CRC and starts over from powermeter-bootenv.txt, where mark-good put
+    # the good slot first: still the same slot, never back to an older one (nor to a failed
+    # slot: it has no slot.env, mark-good removed it)
     guest.sh(f"dd if=/dev/urandom of={BOOT}/powermeter.env bs=512 count=1 seek=8 conv=notrunc status=none; "
              f"sync -f {BOOT}/powermeter.env")
     mark = guest.console.mark()
