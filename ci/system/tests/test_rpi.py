@@ -11,10 +11,9 @@ genet, qemu's i6300esb instead of the SoC watchdog, no Pi firmware stage (qemu s
 Two groups, two guests, so that both workers share the arm64 boots: `rpi` (rpi-boot-ready,
 rpi-ota-install, rpi-env-powercut) and `rpi-b` (rpi-rollback-unhealthy, rpi-rollback-corrupt),
 each in file order on one guest; a reboot resets qemu in place, so the boots of a rollback are
-one qemu process. Costs on the 2-core machine (TCG, next to another guest; before the
-initramfs without udev): rpi-boot-ready ~150 s (the boot), rpi-ota-install ~300 s,
-rpi-rollback-unhealthy ~600 s, rpi-env-powercut ~400 s (three power cuts and boots),
-rpi-rollback-corrupt: see the README's table.
+one qemu process. Costs on the 2-core machine (TCG, next to another guest, 2026-12-03):
+rpi-boot-ready ~90 s (the boot), rpi-ota-install ~210 s, rpi-env-powercut ~260 s (three power
+cuts and boots), rpi-rollback-unhealthy ~460 s, rpi-rollback-corrupt ~200 s.
 """
 
 from __future__ import annotations
