@@ -1,5 +1,6 @@
 """The Pi 4 image file booted the way a Pi 4 boots it, on qemu's raspi4b machine: a long
-scenario, not in the default run (`ci/system-test rpi-raspi4b-boot` runs it; ~10-15 min).
+scenario, not in the default run (`ci/system-test rpi-raspi4b-boot` runs it; 125 s alone on a
+quiet machine, up to 25 min next to other guests).
 
 `images/rpi4/run --raspi4b` starts the Pi build of U-Boot from the image's boot partition
 (u-boot-rpi), which finds boot.scr on the emulated SD card, keeps the boot state in
