@@ -42,13 +42,32 @@ POWERMETER_CARGO_BUILD_OPTS = \
 	--features "$(POWERMETER_FEATURES)"
 
 POWERMETER_PROFILE_DIR = $(if $(BR2_ENABLE_DEBUG),debug,release)
+POWERMETER_BIN = $(@D)/target/$(RUSTC_TARGET_NAME)/$(POWERMETER_PROFILE_DIR)/powermeterd
+
+# The binary carries its dependency list, as the Debian-built images' does
+# (cargo auditable there): Buildroot has no cargo-auditable, so
+# images/sbom/embed-audit-data writes the same .dep-v0 section from cargo
+# metadata (ci/check-supply-chain compares the two byte for byte).
+# post-build.sh itemises these crates in the image's SBOM.
+POWERMETER_DEPENDENCIES = host-python3
+
+define POWERMETER_EMBED_AUDIT_DATA
+	cd $(@D) && \
+	$(TARGET_MAKE_ENV) $(PKG_CARGO_ENV) $(POWERMETER_CARGO_ENV) \
+		$(HOST_DIR)/bin/python3 images/sbom/embed-audit-data \
+			--objcopy "$(TARGET_OBJCOPY)" \
+			--features "$(POWERMETER_FEATURES)" \
+			--offline --locked \
+			--target $(RUSTC_TARGET_NAME) \
+			--manifest-path app/Cargo.toml \
+			$(POWERMETER_BIN)
+endef
+POWERMETER_POST_BUILD_HOOKS += POWERMETER_EMBED_AUDIT_DATA
 
 # The workspace root is a virtual manifest (cargo install cannot use it), so
 # install what the build made, and the units every image installs.
 define POWERMETER_INSTALL_TARGET_CMDS
-	$(INSTALL) -D -m 0755 \
-		$(@D)/target/$(RUSTC_TARGET_NAME)/$(POWERMETER_PROFILE_DIR)/powermeterd \
-		$(TARGET_DIR)/usr/bin/powermeterd
+	$(INSTALL) -D -m 0755 $(POWERMETER_BIN) $(TARGET_DIR)/usr/bin/powermeterd
 	$(INSTALL) -D -m 0644 $(POWERMETER_PKGDIR)/powermeter.toml \
 		$(TARGET_DIR)/etc/powermeter/powermeter.toml
 	$(INSTALL) -D -m 0644 $(@D)/app/systemd/sysusers.d/powermeter.conf \

@@ -50,6 +50,16 @@ GROUPADD_PARAM:${PN} = "--system gpio"
 SYSTEMD_SERVICE:${PN} = "powermeter.socket powermeter-http.socket powermeter.service"
 SYSTEMD_AUTO_ENABLE:${PN} = "enable"
 
+# The binary carries its dependency list (ELF section .dep-v0) as cargo auditable writes it, so
+# that cargo-audit, trivy, grype and syft read the crates from the file on the device. oe-core
+# has no cargo-auditable: images/sbom/embed-audit-data writes the same section from cargo
+# metadata with the target's objcopy (ci/check-supply-chain compares it with cargo auditable's).
+do_compile:append() {
+    python3 ${S}/images/sbom/embed-audit-data --cargo "${CARGO}" --objcopy "${OBJCOPY}" \
+        ${PACKAGECONFIG_CONFARGS} --frozen --target ${RUST_HOST_SYS} \
+        --manifest-path ${S}/app/Cargo.toml ${B}/target/${CARGO_TARGET_SUBDIR}/powermeterd
+}
+
 do_install:append() {
     # Every unit, sysusers and udev file of app/systemd/, unchanged: the same files in every image.
     install -d ${D}${systemd_system_unitdir}

@@ -81,6 +81,13 @@ elif topdir=$(sub_make VARS=TOPDIR RAW_VARS=YES printvars | sed -n 's/^TOPDIR=//
        -i "$show_info" -o "$sbom.tmp"; then
   mv "$sbom.tmp" "$sbom"
   echo "post-build.sh: SBOM /usr/share/powermeter/sbom.cdx.json"
+  # generate-cyclonedx knows the daemon as one package; itemise its crates from the dependency
+  # list embedded in the binary (package/powermeter), with Cargo.lock's checksums and the
+  # vendored crates' licenses, by the tool of the same source tree as the binary.
+  srcdir=$(sub_make VARS=POWERMETER_DIR printvars | sed -n 's/^POWERMETER_DIR=//p')
+  [ -d "$srcdir" ] || die "no powermeter build directory ($srcdir) for the SBOM's crates"
+  python3 "$srcdir/images/sbom/add-crates" --sbom "$sbom" --binary "$target/usr/bin/powermeterd" \
+    --lock "$srcdir/Cargo.lock" --crates-dir "$srcdir/VENDOR" || die "could not add the daemon's crates to the SBOM"
 else
   rm -f "$sbom.tmp"
   echo "post-build.sh: WARNING: no SBOM (utils/generate-cyclonedx failed; offline? see README \"SBOM\")" >&2
