@@ -35,9 +35,14 @@ blocks=$(((size + VERITY_DATA_BLOCK_SIZE - 1) / VERITY_DATA_BLOCK_SIZE))
 slot=$bin/rootfs-slot.img
 cp "$squashfs" "$slot"
 truncate -s "$VERITY_HASH_OFFSET" "$slot"
+# salt and UUID derived from the squashfs (as images/common/lib.sh and Yocto's powermeter-verity
+# do), not drawn at random: the same squashfs gives the same slot image and root hash
+salt=$(sha256sum "$squashfs" | cut -d' ' -f1)
+uuid=$(printf 'powermeter verity uuid %s' "$salt" | sha256sum |
+       sed -E 's/^(.{8})(.{4})(.{4})(.{4})(.{12}).*/\1-\2-\3-\4-\5/')
 veritysetup format "$slot" "$slot" --hash-offset="$VERITY_HASH_OFFSET" --data-blocks="$blocks" \
   --hash="$VERITY_HASH" --data-block-size="$VERITY_DATA_BLOCK_SIZE" \
-  --hash-block-size="$VERITY_HASH_BLOCK_SIZE" --format=1 > "$bin/verity.log"
+  --hash-block-size="$VERITY_HASH_BLOCK_SIZE" --format=1 --salt="$salt" --uuid="$uuid" > "$bin/verity.log"
 roothash=$(sed -n 's/^Root hash:[[:space:]]*//p' "$bin/verity.log")
 salt=$(sed -n 's/^Salt:[[:space:]]*//p' "$bin/verity.log")
 [[ $roothash =~ ^[0-9a-f]{64}$ && $salt =~ ^[0-9a-f]{64}$ ]] || die "no root hash or salt from veritysetup (see $bin/verity.log)"
