@@ -1,7 +1,7 @@
 """The image's SBOM, checked against the booted appliance (scenario sbom, group guest-a, ~5 s).
 
 The SBOM in the image (/usr/share/powermeter/sbom.cdx.json) must be the one written next to it
-(build/qemu/sbom.cdx.json), valid CycloneDX 1.5, list exactly the Debian packages of dpkg's database
+(build/qemu/sbom.cdx.json), valid CycloneDX 1.6, list exactly the Debian packages of dpkg's database
 in the running root file system, name the daemon at the version the running binary reports, and list every crate
 compiled into that binary (its `cargo auditable` data).
 """
