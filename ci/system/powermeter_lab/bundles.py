@@ -151,11 +151,12 @@ def make(version: str, variant: str = "normal", compatible: str | None = None, a
 
 
 def incompatible() -> Bundle:
-    """The build's own slot image in a bundle for another compatible (powermeter-raspberrypi4-64)."""
-    out = cache() / "incompatible" / "powermeter-raspberrypi4-64-0.raucb"
+    """The build's own slot image in a bundle for the same board from another builder
+    (powermeter-buildroot-qemu_x86_64): its slots are not interchangeable, so it must be refused."""
+    out = cache() / "incompatible" / "powermeter-buildroot-qemu_x86_64-0.raucb"
     with _building(out) as stale:
         if stale:
-            _bundle_cmd(out, "0", "powermeter-raspberrypi4-64")
+            _bundle_cmd(out, "0", "powermeter-buildroot-qemu_x86_64")
     return Bundle(out)
 
 

@@ -42,7 +42,7 @@ class Appliance:
         return build_dir() / self.build_subdir
 
 
-X86 = Appliance("qemu-x86_64", "qemu", REPO / "images" / "qemu" / "layout.env", "powermeter-qemu-x86_64",
+X86 = Appliance("qemu-x86_64", "qemu", REPO / "images" / "qemu" / "layout.env", "powermeter-debian-qemu-x86_64",
                 REPO / "ci" / "system" / "env" / "qemu-x86_64.yaml")
 # The Pi image's default counts GPIO 27, which qemu -M virt does not have: its test disk is a
 # device provisioned with the qemu image's simulated meter (/data/etc/powermeter/powermeter.toml).
