@@ -6,7 +6,10 @@
 //!
 //! Environment: `BENCH_SECONDS` (load duration, default 5), `BENCH_CLIENTS` (default 32),
 //! `BENCH_CLIENT_MODE` (`tasks`, default: tokio tasks on `BENCH_CLIENT_THREADS` threads,
-//! default 2; `threads`: one blocking OS thread per client).
+//! default 2; `threads`: one blocking OS thread per client). `BENCH_DAEMON` runs another
+//! powermeterd binary (e.g. a cross build) and `BENCH_RUNNER` starts it through a command
+//! (e.g. `qemu-arm-static -cpu arm1176 -L /usr/arm-linux-gnueabi`): RSS and CPU are then the
+//! emulator's, figures to compare between targets under the same emulator, not a device's.
 
 use std::io::Read;
 use std::net::{TcpListener, TcpStream};
@@ -46,14 +49,25 @@ impl Daemon {
             ),
         )
         .unwrap();
-        let child = Command::new(BIN)
+        let daemon = std::env::var("BENCH_DAEMON").unwrap_or_else(|_| BIN.into());
+        let runner = std::env::var("BENCH_RUNNER").unwrap_or_default();
+        let mut words = runner.split_whitespace();
+        let mut cmd = match words.next() {
+            Some(program) => {
+                let mut c = Command::new(program);
+                c.args(words).arg(&daemon);
+                c
+            }
+            None => Command::new(&daemon),
+        };
+        let child = cmd
             .arg("--config")
             .arg(&config)
             .env("POWERMETERD_LOG", "warn")
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + Duration::from_secs(30);
         while TcpStream::connect(("127.0.0.1", port)).is_err() {
             assert!(Instant::now() < deadline, "daemon did not start");
             std::thread::sleep(Duration::from_millis(10));
@@ -265,7 +279,17 @@ fn main() {
         pct(0.99),
         lat[lat.len() - 1]
     );
+    if let Ok(runner) = std::env::var("BENCH_RUNNER") {
+        println!(
+            "daemon: {} through `{runner}` (RSS and CPU include the emulator)",
+            std::env::var("BENCH_DAEMON").unwrap_or_else(|_| BIN.into())
+        );
+    }
     println!("daemon CPU under load: {server_cpu:.0} % of one core");
+    println!(
+        "daemon CPU per 1,000 port-9001 queries: {:.2} ms",
+        server_cpu / 100.0 * elapsed / lat.len() as f64 * 1e6
+    );
     println!("RSS idle {rss_idle} KiB, under load {rss_load} KiB (peak VmHWM {hwm} KiB)");
     println!("idle CPU {idle_cpu:.2} % of one core (1500 W simulated, 1 pulse / 3 s)");
     println!(

@@ -108,10 +108,33 @@ pub fn status(status: &str) {
 
 /// `RELOADING=1` with the monotonic time systemd wants alongside it.
 pub fn reloading() {
-    match sd_notify::NotifyState::monotonic_usec_now() {
-        Ok(now) => send(&[NotifyState::Reloading, now]),
+    match monotonic_usec_now() {
+        Ok(now) => send(&[NotifyState::Reloading, NotifyState::MonotonicUsec(now)]),
         Err(_) => send(&[NotifyState::Reloading]),
     }
+}
+
+/// `CLOCK_MONOTONIC` in microseconds, as `MONOTONIC_USEC=` wants it.
+///
+/// Not `sd_notify::NotifyState::monotonic_usec_now()`: sd-notify 0.5.0 multiplies the seconds
+/// by 10^6 in `time_t`, which is 32 bits on the 32-bit Pi targets (armv7, ARMv6), so after
+/// 36 minutes of uptime it panics in debug builds and sends a wrapped, wrong time in release
+/// builds (found by the ARMv6 test suite under qemu-user).
+fn monotonic_usec_now() -> std::io::Result<i128> {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes a timespec into the valid, exclusively borrowed `ts`.
+    if unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(timespec_usec(ts.tv_sec, ts.tv_nsec))
+}
+
+/// Microseconds of a `timespec`, widened before multiplying (no overflow for any `time_t`).
+fn timespec_usec(sec: libc::time_t, nsec: libc::c_long) -> i128 {
+    i128::from(sec) * 1_000_000 + i128::from(nsec) / 1_000
 }
 
 /// `READY=1` after a reload.
@@ -127,4 +150,28 @@ pub fn stopping() {
 /// `WATCHDOG=1`
 pub fn watchdog() {
     send(&[NotifyState::Watchdog]);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// 3,000 s of uptime is 3·10^9 µs, past `i32::MAX`: a multiplication in a 32-bit `time_t`
+    /// (armv7, ARMv6) overflows there. ci/test runs this on ARMv6 under qemu-user.
+    #[test]
+    fn monotonic_usec_does_not_overflow_a_32_bit_time_t() {
+        assert_eq!(timespec_usec(3_000, 999_999_999), 3_000_999_999);
+        assert_eq!(
+            timespec_usec(libc::time_t::MAX, 0),
+            i128::from(libc::time_t::MAX) * 1_000_000
+        );
+    }
+
+    #[test]
+    fn monotonic_usec_now_reads_the_monotonic_clock() {
+        let a = monotonic_usec_now().expect("CLOCK_MONOTONIC");
+        std::thread::sleep(Duration::from_millis(20));
+        let b = monotonic_usec_now().expect("CLOCK_MONOTONIC");
+        assert!(a > 0 && b - a >= 20_000, "{a} then {b}");
+    }
 }
