@@ -67,6 +67,8 @@ if [ -f "$board/grub.cfg" ]; then
     A_ROOTHASH="$roothash" A_VERITY_SECTORS="$sectors" A_VERITY_BLOCKS="$blocks" A_VERITY_SALT="$salt"
   cp "$board/genimage.cfg" "$genimage_cfg"
 elif [ -f "$board/boot.params" ]; then
+  # mkimage -A of boot.scr: the board's architecture as its defconfig sets it (one source, no
+  # per-board copy): arm64 for BR2_aarch64 (rpi4_64), arm for 32-bit BR2_arm (rpi0w)
   arch=arm
   grep -q '^BR2_aarch64=y' "${BR2_CONFIG:?BR2_CONFIG not set}" && arch=arm64
   # mkimage of host-uboot-tools (BR2_PACKAGE_HOST_UBOOT_TOOLS), first in PATH
