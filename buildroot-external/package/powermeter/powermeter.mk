@@ -68,7 +68,10 @@ POWERMETER_POST_BUILD_HOOKS += POWERMETER_EMBED_AUDIT_DATA
 # install what the build made, and the units every image installs.
 define POWERMETER_INSTALL_TARGET_CMDS
 	$(INSTALL) -D -m 0755 $(POWERMETER_BIN) $(TARGET_DIR)/usr/bin/powermeterd
-	$(INSTALL) -D -m 0644 $(POWERMETER_PKGDIR)/powermeter.toml \
+	$(INSTALL) -D -m 0644 $(@D)/$(call qstrip,$(BR2_PACKAGE_POWERMETER_DEFAULT_CONFIG)) \
+		$(TARGET_DIR)/usr/share/powermeter/powermeter.toml
+	mkdir -p $(TARGET_DIR)/etc/powermeter
+	ln -sfn /data/etc/powermeter/powermeter.toml \
 		$(TARGET_DIR)/etc/powermeter/powermeter.toml
 	$(INSTALL) -D -m 0644 $(@D)/app/systemd/sysusers.d/powermeter.conf \
 		$(TARGET_DIR)/usr/lib/sysusers.d/powermeter.conf
