@@ -39,6 +39,12 @@ EXTERNALSRC_BUILD ?= "${WORKDIR}/build"
 CARGO_SRC_DIR = ""
 CARGO_LOCK_SRC_DIR = "${S}"
 
+# The image's default configuration: the Pi one (files/powermeter.toml: GPIO 27, also the
+# Debian-built Pi image's and Buildroot's), on qemu the qemu appliance's simulated meter, the file
+# images/qemu installs (one source each).
+POWERMETER_DEFAULT_CONFIG ?= "${UNPACKDIR}/powermeter.toml"
+POWERMETER_DEFAULT_CONFIG:qemuall ?= "${S}/images/qemu/rootfs/overlay/usr/share/powermeter/powermeter.toml"
+
 # Cargo features: "gpio" (gpiocdev, the default) and "rppal" (Raspberry Pi only).
 PACKAGECONFIG ??= ""
 PACKAGECONFIG[rppal] = "--features rppal"
@@ -47,7 +53,7 @@ PACKAGECONFIG[rppal] = "--features rppal"
 USERADD_PACKAGES = "${PN}"
 GROUPADD_PARAM:${PN} = "--system gpio"
 
-SYSTEMD_SERVICE:${PN} = "powermeter.socket powermeter-http.socket powermeter.service"
+SYSTEMD_SERVICE:${PN} = "powermeter.socket powermeter-http.socket powermeter.service powermeter-data-layout.service"
 SYSTEMD_AUTO_ENABLE:${PN} = "enable"
 
 # The binary carries its dependency list (ELF section .dep-v0) as cargo auditable writes it, so
@@ -78,8 +84,15 @@ do_install:append() {
         install -d ${D}${nonarch_base_libdir}/udev/rules.d
         install -m 0644 ${S}/app/systemd/udev/*.rules ${D}${nonarch_base_libdir}/udev/rules.d/
     fi
+    # The device's configuration lives on /data (as in every powermeter image): the daemon reads
+    # /etc/powermeter/powermeter.toml, a link to /data/etc/powermeter/powermeter.toml, which
+    # powermeter-data-layout.service (the qemu appliance's unit, the one source) seeds from this
+    # default; it also makes the directories on /data the rest of the system relies on.
+    install -D -m 0644 ${POWERMETER_DEFAULT_CONFIG} ${D}${datadir}/powermeter/powermeter.toml
+    install -m 0644 ${S}/images/qemu/rootfs/overlay/usr/lib/systemd/system/powermeter-data-layout.service \
+        ${D}${systemd_system_unitdir}/
     install -d ${D}${sysconfdir}/powermeter
-    install -m 0644 ${UNPACKDIR}/powermeter.toml ${D}${sysconfdir}/powermeter/powermeter.toml
+    ln -sf /data/etc/powermeter/powermeter.toml ${D}${sysconfdir}/powermeter/powermeter.toml
 }
 
 FILES:${PN} += "\
@@ -87,4 +100,3 @@ FILES:${PN} += "\
     ${nonarch_libdir}/tmpfiles.d \
     ${nonarch_base_libdir}/udev/rules.d \
 "
-CONFFILES:${PN} = "${sysconfdir}/powermeter/powermeter.toml"
