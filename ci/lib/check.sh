@@ -43,6 +43,15 @@ cargo_tool() {
 
 passed=0
 failed=0
+# cargo_target KEY TARGET: linker or runner of TARGET in .cargo/config.toml (the one place the
+# cross linkers and qemu-user runners are written down)
+cargo_target() {
+  python3 -c 'import sys, tomllib
+with open(sys.argv[1], "rb") as f:
+    print(tomllib.load(f)["target"][sys.argv[3]][sys.argv[2]])' \
+    "$(dirname "${BASH_SOURCE[0]}")/../../.cargo/config.toml" "$1" "$2"
+}
+
 pass() { echo "PASS $1"; passed=$((passed + 1)); }
 fail() { echo "FAIL $1: $2"; failed=$((failed + 1)); }
 skip() { echo "SKIP $1: $2"; }
