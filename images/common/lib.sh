@@ -60,7 +60,16 @@ image_install_app() {
 
   chroot "$root" systemd-sysusers
   chroot "$root" systemctl enable powermeter.service powermeter-data-layout.service powermeter-machine-id-commit.service \
-    powermeter-grow-data.service systemd-networkd.service ssh.service
+    powermeter-grow-data.service powermeter-provision.service systemd-networkd.service ssh.service
+  if [ -e "$root/usr/lib/systemd/system/systemd-timesyncd.service" ]; then
+    chroot "$root" systemctl enable systemd-timesyncd.service
+  fi
+  # Wi-Fi (the Pi image): wpa_supplicant on wlan0 with the network the first-boot import saved
+  mkdir -p "$root/etc/wpa_supplicant"
+  ln -sfn /data/etc/wpa_supplicant/wpa_supplicant-wlan0.conf "$root/etc/wpa_supplicant/wpa_supplicant-wlan0.conf"
+  if [ -e "$root/usr/lib/systemd/system/wpa_supplicant@.service" ]; then
+    chroot "$root" systemctl enable wpa_supplicant@wlan0.service
+  fi
   chroot "$root" systemctl mask apt-daily.timer apt-daily-upgrade.timer e2scrub_all.timer \
     e2scrub_reap.service fstrim.timer dpkg-db-backup.timer systemd-firstboot.service ssh.socket \
     systemd-repart.service \
@@ -75,6 +84,11 @@ image_install_app() {
   rm -rf "$root/etc/powermeter"
   mkdir -p "$root/etc/powermeter"
   ln -s /data/etc/powermeter/powermeter.toml "$root/etc/powermeter/powermeter.toml"
+  # and so do its host name and time zone (seeded by powermeter-data-layout.service, set by the
+  # first-boot import from the boot partition)
+  rm -f "$root/etc/hostname" "$root/etc/localtime" "$root/etc/timezone"
+  ln -s /data/etc/hostname "$root/etc/hostname"
+  ln -s /data/etc/localtime "$root/etc/localtime"
   mkdir -p "$root/data"
   # no password anywhere: root stays locked
   chroot "$root" passwd -l root >/dev/null
