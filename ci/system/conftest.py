@@ -66,6 +66,8 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "alone: the group's guest runs with no other guest on the machine")
     config.addinivalue_line("markers", "appliance(name): the group's guest is that appliance (layout.APPLIANCES), "
                             "booted from its own labgrid environment next to the main one")
+    config.addinivalue_line("markers", "boot_folder(make): the group's guest boots a disk with make(lab) "
+                            "(name -> bytes) in the boot partition's folder powermeter/ (first-boot import)")
     config.addinivalue_line("markers", "long: a long scenario, run only when named with --scenario")
     config.addinivalue_line("markers", "qemu_x86: needs the qemu x86 appliance (GRUB's environment, a "
                             "disk patched before boot); skipped on other labgrid environments")
@@ -202,14 +204,18 @@ class Lab:
         self.ovmf_vars = Path(cfg.get_image_path("ovmf_vars")) if "ovmf_vars" in images else None
         self._n = 0
 
-    def guest(self, name: str, disk_path: Path | None = None, extra_args: str = "") -> Guest:
-        """A new guest: for qemu, on `disk_path` or else a fresh overlay of the pristine disk;
+    def guest(self, name: str, disk_path: Path | None = None, extra_args: str = "",
+              boot_files: dict[str, bytes] | None = None) -> Guest:
+        """A new guest: for qemu, on `disk_path` or else a fresh overlay of the pristine disk
+        (with `boot_files`: a raw copy with them in the boot partition's folder powermeter/);
         on a bench, the card is written with the environment's `images.sdcard` when it has one."""
         self._n += 1
         wd = self.workdir / f"{self._n:02d}-{name}"
         shutil.rmtree(wd, ignore_errors=True)
         wd.mkdir(parents=True)
         disk = vars_ = None
+        if self.qemu and boot_files is not None and disk_path is None:
+            disk_path = disks.with_boot_folder(self.pristine, wd / "disk.img", boot_files)
         if self.qemu:
             disk = disk_path or disks.overlay(self.pristine, wd / "disk.qcow2")
         if self.ovmf_vars:
@@ -269,14 +275,15 @@ class Guests:
         else:
             fcntl.flock(self._lock, fcntl.LOCK_SH)
 
-    def get(self, group: str, extra_args: str = "", alone: bool = False, lab: Lab | None = None) -> Guest:
+    def get(self, group: str, extra_args: str = "", alone: bool = False, lab: Lab | None = None,
+            boot_files: dict[str, bytes] | None = None) -> Guest:
         if group != self.group:
             self.close()
             self.group = group
             self.boot_error = None
             self._take_lock(alone)
             t0 = time.monotonic()
-            self.current = (lab or self.lab).guest(group, extra_args=extra_args)
+            self.current = (lab or self.lab).guest(group, extra_args=extra_args, boot_files=boot_files)
             try:
                 self.current.boot()
                 self.current.log(f"ready {time.monotonic() - t0:.0f} s after power on; kernel start "
@@ -346,9 +353,12 @@ def _only_where_it_applies(request):
 @pytest.fixture
 def guest(request, guests, lab) -> Guest:
     """The booted guest of this test's group (SSH and powermeter ready); with the `gpio_sim`
-    marker, the gpio-sim test disk is attached to it."""
+    marker, the gpio-sim test disk is attached to it; with `boot_folder(make)`, its disk has
+    `make(lab)` (name -> bytes) in the boot partition's folder powermeter/ before its first boot."""
     extra = gpiosim.qemu_args() if request.node.get_closest_marker("gpio_sim") else ""
-    g = guests.get(group_of(request.node), extra, alone=bool(request.node.get_closest_marker("alone")), lab=lab)
+    folder = request.node.get_closest_marker("boot_folder")
+    g = guests.get(group_of(request.node), extra, alone=bool(request.node.get_closest_marker("alone")), lab=lab,
+                   boot_files=folder.args[0](lab) if folder else None)
     yield g
     _keep_artifacts(request, lab, [g])
 
@@ -382,8 +392,9 @@ def new_guest(request, lab):
     powered off after the test, and their logs kept if it failed."""
     made: list[Guest] = []
 
-    def make(name: str, disk_path: Path | None = None, extra_args: str = "") -> Guest:
-        g = lab.guest(name, disk_path, extra_args)
+    def make(name: str, disk_path: Path | None = None, extra_args: str = "",
+             boot_files: dict[str, bytes] | None = None) -> Guest:
+        g = lab.guest(name, disk_path, extra_args, boot_files)
         made.append(g)
         return g
 

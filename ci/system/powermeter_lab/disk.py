@@ -11,8 +11,10 @@ fresh machine takes a new overlay; nothing is ever rebuilt for it.
 from __future__ import annotations
 
 import fcntl
+import os
 import shutil
 import subprocess
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -85,6 +87,23 @@ def raw_copy(base: Path, path: Path) -> Path:
     before it boots (a few seconds; the overlay way would need qemu-io)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     subprocess.run(["cp", "--sparse=always", str(base), str(path)], check=True)
+    return path
+
+
+def with_boot_folder(base: Path, path: Path, files: dict[str, bytes], grow_mib: int = 256) -> Path:
+    """A sparse raw copy of `base` at `path`, `grow_mib` bigger (as a card is bigger than the
+    image), with `files` in the folder powermeter/ of its FAT boot partition: what an owner
+    writes there after flashing, for the first-boot import (images/qemu/boot-folder, which
+    images/qemu/run --boot-folder uses too)."""
+    raw_copy(base, path)
+    os.truncate(path, base.stat().st_size + grow_mib * MIB)
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, data in files.items():
+            (Path(tmp) / name).write_bytes(data)
+        p = subprocess.run([str(REPO / "images" / "qemu" / "boot-folder"), str(path), tmp],
+                           capture_output=True, text=True, check=False)
+    if p.returncode != 0:
+        raise RuntimeError(p.stderr.strip() or f"boot-folder {path} failed")
     return path
 
 
