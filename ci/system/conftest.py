@@ -41,7 +41,7 @@ os.environ.setdefault("POWERMETER_BUILD_DIR", str(build_dir()))
 HERE = Path(__file__).resolve().parent
 DEFAULT_ENV = HERE / "env" / "qemu-x86_64.yaml"
 DEFAULT_GROUP = "guest-a"
-FIRST_GROUPS = ["rpi-b", "guest-a", "rpi"]
+FIRST_GROUPS = ["rpi-b", "guest-p", "rpi", "guest-a", "guest-b"]
 
 
 def scenario_name(item_or_nodeid) -> str:
@@ -93,8 +93,9 @@ def pytest_collection_modifyitems(config, items):
     # the tests of a group one after another, in file order (a group is one guest's life); the
     # groups in order of FIRST_GROUPS, then of their files. xdist's loadgroup gives each of the
     # two workers two groups at the start, alternating (1st and 3rd, 2nd and 4th), the rest to
-    # whichever is free first: so one worker runs the two arm64 guests (rpi-b, rpi) while the
-    # other runs guest-a and guest-b, the longest x86 groups, and guest-c (GPIO, run alone) last
+    # whichever is free first: so one worker runs the two arm64 guests (rpi-b, rpi; the first
+    # waits for the Pi 4 image build) while the other runs guest-p (provisioning) and guest-a,
+    # then guest-b goes to the first free worker, and guest-c (GPIO, run alone) comes last
     order: dict[str, int] = {}
     for i in items:
         order.setdefault(group_of(i), len(order))
