@@ -2,7 +2,8 @@
 # Buildroot post-build script of the powermeter appliance (BR2_ROOTFS_POST_BUILD_SCRIPT):
 #   post-build.sh TARGET_DIR BOARD_DIR
 # Installs the board's RAUC system.conf, the RAUC pre-install handler, the keyring, the image
-# version in os-release, the mount points of fstab and /data, and the machine-id link:
+# version in os-release, the mount points of fstab and /data, the provisioning files the
+# Debian-built images have (images/qemu/rootfs/overlay), and the machine-id link:
 # /etc/machine-id -> /data/machine-id (the data partition, mounted by the preinit before PID 1;
 # rootfs-overlay/usr/libexec/powermeter/preinit), over an empty /data/machine-id in the root for a
 # boot without the data partition (systemd then makes a transient id), and the SBOM at
@@ -61,6 +62,35 @@ mkdir -p "$target/data"
 chmod 0444 "$target/data/machine-id"
 ln -s /data/machine-id "$target/etc/machine-id"
 [ -x "$target/usr/libexec/powermeter/preinit" ] || die "no executable usr/libexec/powermeter/preinit (the kernel's init=)"
+
+# What every powermeter image shares with the Debian-built ones (images/qemu/rootfs/overlay, the
+# one source): the directories and per-device settings on /data, the first-boot import from the
+# boot partition and powermeter-config, SSH only with a provisioned key (host key on /data),
+# Wi-Fi through wpa_supplicant on wlan0 with the imported network.
+shared=$repo/images/qemu/rootfs/overlay
+install -D -m 0755 "$shared/usr/lib/powermeter/provision" "$target/usr/lib/powermeter/provision"
+install -D -m 0755 "$shared/usr/bin/powermeter-config" "$target/usr/bin/powermeter-config"
+for u in powermeter-data-layout.service powermeter-provision.service powermeter-ssh-hostkey.service; do
+  install -D -m 0644 "$shared/usr/lib/systemd/system/$u" "$target/usr/lib/systemd/system/$u"
+done
+install -D -m 0644 "$shared/usr/lib/systemd/system/ssh.service.d/powermeter.conf" \
+  "$target/usr/lib/systemd/system/sshd.service.d/powermeter.conf"
+install -D -m 0644 "$shared/usr/lib/systemd/system/wpa_supplicant@.service.d/powermeter.conf" \
+  "$target/usr/lib/systemd/system/wpa_supplicant@.service.d/powermeter.conf"
+install -D -m 0644 "$shared/etc/ssh/sshd_config.d/powermeter.conf" "$target/etc/ssh/sshd_config.d/powermeter.conf"
+install -D -m 0644 "$shared/etc/systemd/network/25-wireless.network" "$target/etc/systemd/network/25-wireless.network"
+# upstream's sshd_config does not read the drop-in directory (Debian's and Yocto's do): first
+if [ -f "$target/etc/ssh/sshd_config" ] && ! grep -q '^Include /etc/ssh/sshd_config.d/\*\.conf' "$target/etc/ssh/sshd_config"; then
+  sed -i '1i Include /etc/ssh/sshd_config.d/*.conf' "$target/etc/ssh/sshd_config"
+fi
+rm -f "$target"/etc/ssh/ssh_host_*
+# host name, time zone and Wi-Fi network belong to the device (seeded by
+# powermeter-data-layout.service, set by the first-boot import)
+rm -f "$target/etc/hostname" "$target/etc/localtime" "$target/etc/timezone"
+ln -s /data/etc/hostname "$target/etc/hostname"
+ln -s /data/etc/localtime "$target/etc/localtime"
+mkdir -p "$target/etc/wpa_supplicant"
+ln -sfn /data/etc/wpa_supplicant/wpa_supplicant-wlan0.conf "$target/etc/wpa_supplicant/wpa_supplicant-wlan0.conf"
 
 # SBOM (CycloneDX, Buildroot's own utils/generate-cyclonedx from `make show-info`: every package
 # of the configuration with version, licenses, sources, patches) at the same path as in every
