@@ -1,5 +1,5 @@
 SUMMARY = "powermeter appliance: SD card / disk image"
-DESCRIPTION = "Read-only squashfs root under dm-verity in A/B slots updated by RAUC, a writable data partition, systemd with the hardware watchdog armed, powermeterd. No root password, no SSH."
+DESCRIPTION = "Read-only squashfs root under dm-verity in A/B slots updated by RAUC, a writable data partition, systemd with the hardware watchdog armed, powermeterd, first-boot provisioning from the boot partition. No root password, SSH only with a provisioned key."
 HOMEPAGE = "https://example.invalid/powermeter"
 SECTION = "images"
 LICENSE = "MIT"
@@ -7,8 +7,9 @@ LICENSE = "MIT"
 inherit core-image
 
 # No debug-tweaks, empty-root-password or ssh-server-*: root's password stays locked and
-# nothing listens but powermeter's sockets. /data is mounted by overlayfs-etc's preinit,
-# before PID 1, and carries the /etc overlay (machine-id, network).
+# nothing listens but powermeter's sockets and, once the owner's key is provisioned
+# (powermeter-provision), sshd. /data is mounted by overlayfs-etc's preinit, before PID 1, and
+# carries the /etc overlay (machine-id, network).
 IMAGE_FEATURES = "read-only-rootfs overlayfs-etc"
 
 IMAGE_INSTALL = "\
@@ -16,10 +17,27 @@ IMAGE_INSTALL = "\
     kernel-image \
     powermeter \
     powermeter-os-base \
+    powermeter-provision \
     rauc \
     ${CORE_IMAGE_EXTRA_INSTALL} \
 "
+# Wi-Fi on the Pis that have it (POWERMETER_WIFI_PACKAGES, per machine in
+# powermeter-os-machines.inc): wpa_supplicant on wlan0 with the network from the first-boot
+# import, the regulatory database, the BSP's firmware for the machine's chip.
+IMAGE_INSTALL += "${POWERMETER_WIFI_PACKAGES}"
 IMAGE_LINGUAS = ""
+
+# Host name, time zone and Wi-Fi network belong to the device, on /data (seeded by
+# powermeter-data-layout.service, set by the first-boot import): links in the read-only root.
+ROOTFS_POSTPROCESS_COMMAND += "powermeter_device_links"
+powermeter_device_links[doc] = "Links /etc/hostname, /etc/localtime and wlan0's wpa_supplicant configuration to /data/etc/"
+powermeter_device_links() {
+    rm -f ${IMAGE_ROOTFS}${sysconfdir}/hostname ${IMAGE_ROOTFS}${sysconfdir}/localtime ${IMAGE_ROOTFS}${sysconfdir}/timezone
+    ln -s /data/etc/hostname ${IMAGE_ROOTFS}${sysconfdir}/hostname
+    ln -s /data/etc/localtime ${IMAGE_ROOTFS}${sysconfdir}/localtime
+    install -d ${IMAGE_ROOTFS}${sysconfdir}/wpa_supplicant
+    ln -sf /data/etc/wpa_supplicant/wpa_supplicant-wlan0.conf ${IMAGE_ROOTFS}${sysconfdir}/wpa_supplicant/wpa_supplicant-wlan0.conf
+}
 # meta-rauc's rauc-mark-good marks every boot good at once; powermeter-os-base's
 # powermeter-mark-good does it only when powermeter is ready and healthy.
 BAD_RECOMMENDATIONS += "rauc-mark-good"

@@ -53,8 +53,13 @@ PACKAGECONFIG[rppal] = "--features rppal"
 USERADD_PACKAGES = "${PN}"
 GROUPADD_PARAM:${PN} = "--system gpio"
 
+PACKAGES =+ "${PN}-provision"
+
+SYSTEMD_PACKAGES = "${PN} ${PN}-provision"
 SYSTEMD_SERVICE:${PN} = "powermeter.socket powermeter-http.socket powermeter.service powermeter-data-layout.service"
+SYSTEMD_SERVICE:${PN}-provision = "powermeter-provision.service"
 SYSTEMD_AUTO_ENABLE:${PN} = "enable"
+SYSTEMD_AUTO_ENABLE:${PN}-provision = "enable"
 
 # The binary carries its dependency list (ELF section .dep-v0) as cargo auditable writes it, so
 # that cargo-audit, trivy, grype and syft read the crates from the file on the device. oe-core
@@ -93,10 +98,46 @@ do_install:append() {
         ${D}${systemd_system_unitdir}/
     install -d ${D}${sysconfdir}/powermeter
     ln -sf /data/etc/powermeter/powermeter.toml ${D}${sysconfdir}/powermeter/powermeter.toml
+
+    # Provisioning (powermeter-provision), as in every powermeter image: the first-boot import
+    # from the boot partition, powermeter-config, SSH only with a provisioned key (host key on
+    # /data), Wi-Fi through wpa_supplicant on wlan0. The files of the Debian-built images
+    # (images/qemu/rootfs/overlay, the one source); sshd's unit is sshd.service here.
+    ov=${S}/images/qemu/rootfs/overlay
+    install -D -m 0755 $ov/usr/lib/powermeter/provision ${D}${nonarch_libdir}/powermeter/provision
+    install -D -m 0755 $ov/usr/bin/powermeter-config ${D}${bindir}/powermeter-config
+    install -m 0644 $ov/usr/lib/systemd/system/powermeter-provision.service \
+        $ov/usr/lib/systemd/system/powermeter-ssh-hostkey.service ${D}${systemd_system_unitdir}/
+    install -D -m 0644 $ov/usr/lib/systemd/system/ssh.service.d/powermeter.conf \
+        ${D}${systemd_system_unitdir}/sshd.service.d/powermeter.conf
+    install -D -m 0644 $ov/usr/lib/systemd/system/wpa_supplicant@.service.d/powermeter.conf \
+        ${D}${systemd_system_unitdir}/wpa_supplicant@.service.d/powermeter.conf
+    install -D -m 0644 $ov/etc/ssh/sshd_config.d/powermeter.conf ${D}${sysconfdir}/ssh/sshd_config.d/powermeter.conf
+    install -D -m 0644 $ov/etc/systemd/network/25-wireless.network ${D}${sysconfdir}/systemd/network/25-wireless.network
 }
 
 FILES:${PN} += "\
     ${nonarch_libdir}/sysusers.d \
     ${nonarch_libdir}/tmpfiles.d \
     ${nonarch_base_libdir}/udev/rules.d \
+"
+
+FILES:${PN}-provision += "\
+    ${nonarch_libdir}/powermeter/provision \
+    ${bindir}/powermeter-config \
+    ${systemd_system_unitdir}/powermeter-provision.service \
+    ${systemd_system_unitdir}/powermeter-ssh-hostkey.service \
+    ${systemd_system_unitdir}/sshd.service.d \
+    ${systemd_system_unitdir}/wpa_supplicant@.service.d \
+    ${sysconfdir}/ssh/sshd_config.d \
+    ${sysconfdir}/systemd/network/25-wireless.network \
+"
+RDEPENDS:${PN}-provision = "\
+    ${PN} \
+    bash \
+    coreutils \
+    openssh-keygen \
+    openssh-sshd \
+    tzdata \
+    util-linux-mountpoint \
 "
