@@ -64,14 +64,18 @@ image_install_app() {
   if [ -e "$root/usr/lib/systemd/system/systemd-timesyncd.service" ]; then
     chroot "$root" systemctl enable systemd-timesyncd.service
   fi
-  # Wi-Fi (the Pi image): wpa_supplicant on wlan0 with the network the first-boot import saved
+  # Wi-Fi: wpa_supplicant on wlan0 with the network the first-boot import saved, started when
+  # wlan0 appears (a wants link of its device unit, so nothing waits for a wlan0 that a machine
+  # does not have)
   mkdir -p "$root/etc/wpa_supplicant"
   ln -sfn /data/etc/wpa_supplicant/wpa_supplicant-wlan0.conf "$root/etc/wpa_supplicant/wpa_supplicant-wlan0.conf"
   if [ -e "$root/usr/lib/systemd/system/wpa_supplicant@.service" ]; then
-    chroot "$root" systemctl enable wpa_supplicant@wlan0.service
+    mkdir -p "$root/usr/lib/systemd/system/sys-subsystem-net-devices-wlan0.device.wants"
+    ln -sfn ../wpa_supplicant@.service \
+      "$root/usr/lib/systemd/system/sys-subsystem-net-devices-wlan0.device.wants/wpa_supplicant@wlan0.service"
   fi
   chroot "$root" systemctl mask apt-daily.timer apt-daily-upgrade.timer e2scrub_all.timer \
-    e2scrub_reap.service fstrim.timer dpkg-db-backup.timer systemd-firstboot.service ssh.socket \
+    e2scrub_reap.service fstrim.timer dpkg-db-backup.timer systemd-firstboot.service ssh.socket wpa_supplicant.service \
     systemd-repart.service \
     2>/dev/null || true
   # per-device state lives on /data: machine-id, ssh host keys (none made here)

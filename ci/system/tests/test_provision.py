@@ -4,11 +4,11 @@ through updates and rollbacks, and never read again once the device is provision
 
 Group `guest-p`: its guest boots a disk whose boot partition carries a configuration, a host name,
 a time zone, an owner's SSH key (not the harness's) and a Wi-Fi file (a secret). Costs on the
-2-core machine (TCG, beside another guest): provision-first-boot ~20 s after the group's first
-boot (~100-150 s), provision-ignored-later ~120 s (one reboot), provision-survives-update
-~300 s (an install of the built bundle, two reboots), clock-step ~20 s (the wall clock stepped
-back and forward, network time's part of the story), provision-bad-input ~180 s (a guest of its
-own, booted while the group's guest is off).
+2-core machine (TCG, quiet): provision-first-boot ~10 s after the group's first boot (~100-150
+s), provision-wifi ~20 s (simulated radios), provision-ignored-later ~110 s (one reboot),
+provision-survives-update ~230 s (an install of the built bundle, two reboots), clock-step
+~10 s (the wall clock stepped back and forward), provision-bad-input ~90 s after a boot of a
+guest of its own (~100 s), booted once the group's guest is off.
 """
 
 from __future__ import annotations
@@ -135,6 +135,45 @@ def test_provision_first_boot(guest):
     assert c2, f"not counting after the import (port 9001 stays at {c1})"
     journal = guest.sh("journalctl -b -u powermeter-provision.service -o cat --no-pager")
     assert "imported powermeter.toml" in journal, f"no journal line for the import: {journal[-500:]}"
+
+
+AP_CONF = """ctrl_interface=DIR=/run/wpa_supplicant-ap
+network={
+    ssid="Home Net"
+    mode=2
+    frequency=2412
+    key_mgmt=WPA-PSK
+    proto=RSN
+    pairwise=CCMP
+    psk="correct horse battery"
+}
+"""
+
+
+def test_provision_wifi(guest):
+    """The imported Wi-Fi network is joined: the kernel's simulated radios (mac80211_hwsim) give
+    the guest a wlan0 and a wlan1; wlan1 is an access point of that network (wpa_supplicant in AP
+    mode), and wlan0's appearance starts wpa_supplicant@wlan0 with the imported file, which must
+    associate. No Wi-Fi hardware in qemu, so this stands in for the Pi's."""
+    wait_provisioned(guest)
+    guest.sh("modprobe mac80211_hwsim radios=2")
+    try:
+        guest.sh(f"cat > /run/ap.conf <<'EOF'\n{AP_CONF}EOF\n"
+                 "wpa_supplicant -B -i wlan1 -c /run/ap.conf -P /run/ap.pid")
+
+        def joined():
+            st = guest.try_sh("wpa_cli -p /run/wpa_supplicant -i wlan0 status 2>&1") or ""
+            return st if "wpa_state=COMPLETED" in st else None
+
+        st = wait_until(joined, 90, every=3)
+        unit = guest.sh("systemctl show -P ActiveState wpa_supplicant@wlan0.service")
+        assert st, (f"wlan0 did not join the imported network within 90 s (wpa_supplicant@wlan0 {unit}: "
+                    f"{guest.try_sh('journalctl -b -u wpa_supplicant@wlan0 -o cat --no-pager | tail -n 5')})")
+        assert "ssid=Home Net" in st and "key_mgmt=WPA2-PSK" in st, f"joined, but not as imported: {st}"
+        guest.log("wlan0 joined 'Home Net' (WPA2-PSK) with the imported file")
+    finally:
+        guest.try_sh("systemctl stop wpa_supplicant@wlan0.service; kill $(cat /run/ap.pid) 2>/dev/null; sleep 1; "
+                     "rmmod mac80211_hwsim")
 
 
 def test_provision_ignored_later(guest):

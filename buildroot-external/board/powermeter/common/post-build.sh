@@ -91,6 +91,12 @@ ln -s /data/etc/hostname "$target/etc/hostname"
 ln -s /data/etc/localtime "$target/etc/localtime"
 mkdir -p "$target/etc/wpa_supplicant"
 ln -sfn /data/etc/wpa_supplicant/wpa_supplicant-wlan0.conf "$target/etc/wpa_supplicant/wpa_supplicant-wlan0.conf"
+# wpa_supplicant on wlan0 when wlan0 appears (as in the Debian-built images)
+if [ -e "$target/usr/lib/systemd/system/wpa_supplicant@.service" ]; then
+  mkdir -p "$target/usr/lib/systemd/system/sys-subsystem-net-devices-wlan0.device.wants"
+  ln -sfn ../wpa_supplicant@.service \
+    "$target/usr/lib/systemd/system/sys-subsystem-net-devices-wlan0.device.wants/wpa_supplicant@wlan0.service"
+fi
 
 # SBOM (CycloneDX, Buildroot's own utils/generate-cyclonedx from `make show-info`: every package
 # of the configuration with version, licenses, sources, patches) at the same path as in every
