@@ -7,7 +7,8 @@ a time zone, an owner's SSH key (not the harness's) and a Wi-Fi file (a secret).
 2-core machine (TCG, quiet): provision-first-boot ~10 s after the group's first boot (~100-150
 s), provision-wifi ~20 s (simulated radios), provision-ignored-later ~110 s (one reboot),
 provision-survives-update ~230 s (an install of the built bundle, two reboots), clock-step
-~10 s (the wall clock stepped back and forward), provision-bad-input ~90 s after a boot of a
+~10 s (the wall clock stepped back and forward), config-change ~15 s (powermeter-config),
+provision-bad-input ~90 s after a boot of a
 guest of its own (~100 s), booted once the group's guest is off.
 """
 
@@ -251,6 +252,26 @@ def test_clock_step(guest):
                   f"(restart) -> {r4['pulses_total']} (clock right); power {r4['power_w']:.0f} W")
     finally:
         guest.try_sh(f"date -s @{int(time.time())} >/dev/null; systemctl start systemd-timesyncd.service")
+
+
+def test_config_change(guest):
+    """powermeter-config over SSH: a typo is refused before it takes effect (the daemon keeps
+    counting with the file in use), a good file is installed with the old one kept, undo puts
+    the old one back."""
+    conf = "/data/etc/powermeter/powermeter.toml"
+    before = guest.sh(f"sha256sum < {conf}")
+    pid = guest.sh("systemctl show -P MainPID powermeter.service")
+    rc, out, err = guest.run("printf '[meter]\\npulses_per_kwh = 0\\n' | powermeter-config set -")
+    assert rc == 78 and "meter.pulses_per_kwh" in err, f"a bad file was not refused (exit {rc}): {out} {err}"
+    assert guest.sh(f"sha256sum < {conf}") == before, "a refused file changed the configuration"
+    assert guest.sh("systemctl show -P MainPID powermeter.service") == pid, "a refused file restarted the daemon"
+    good = guest.sh(f"sed 's/^pulses_per_kwh = .*/pulses_per_kwh = 2000/' {conf}")
+    guest.sh(f"cat > /run/new.toml <<'EOF'\n{good}\nEOF\npowermeter-config set /run/new.toml")
+    assert reading(guest)["pulses_per_kwh"] == 2000, "the daemon does not run with the new file"
+    assert guest.sh(f"sha256sum < {conf}.old") == before, "the previous file was not kept"
+    guest.sh("powermeter-config undo")
+    assert guest.sh(f"sha256sum < {conf}") == before, "undo did not put the previous file back"
+    assert reading(guest)["pulses_per_kwh"] == 1000, "the daemon does not run with the previous file after undo"
 
 
 def test_provision_bad_input(guests, new_guest):
