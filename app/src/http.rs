@@ -166,7 +166,7 @@ where
         .timer(TokioTimer::new())
         .header_read_timeout(HEAD_TIMEOUT)
         .keep_alive(false)
-        // a client may shut its sending side once the request is out (`printf ... | nc`)
+        // a client may shut its sending side once its request is out (`printf ... | nc`)
         .half_close(true)
         .max_buf_size(READ_BUFFER)
         .max_header_size(MAX_HEAD)
