@@ -333,7 +333,9 @@ fn decode(bytes: &[u8]) -> Result<Generation, Corruption> {
     field("saved_unix_s")?
         .parse::<u64>()
         .map_err(|_| bad("saved_unix_s"))?;
-    if !base_kwh.is_finite() {
+    // The register is set from a meter's display (`--set-reading` takes only numbers >= 0):
+    // a negative one was never written by us.
+    if !(base_kwh.is_finite() && base_kwh >= 0.0) {
         return Err(bad("register_base_kwh"));
     }
     Ok(Generation {
