@@ -187,7 +187,7 @@ fn allow_files(n: u64) {
 }
 
 #[test]
-fn a_thousand_connections_are_served_at_most_64_at_once() {
+fn a_thousand_clients_are_served_at_most_max_connections_at_once() {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use tokio::io::AsyncReadExt;
