@@ -6,8 +6,8 @@
 //!
 //! | target | what reaches the parser |
 //! |---|---|
-//! | [`http`] | the bytes a client sends, through the whole HTTP server ([`crate::http::serve_connection`]) |
-//! | [`config`] | the text of the TOML configuration ([`crate::config::parse`]) |
+//! | [`http()`] | the bytes a client sends, through the whole HTTP server ([`crate::http::serve_connection`]) |
+//! | [`config()`] | the text of the TOML configuration ([`crate::config::parse`]) |
 //! | [`state_file`] | a state file `counter.N` ([`crate::state`]), with a correct checksum when the first byte is odd |
 //! | [`set_reading`] | the value of `--set-reading` ([`crate::cli::parse`]) and its effect on the register |
 
