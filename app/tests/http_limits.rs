@@ -61,10 +61,11 @@ fn slowloris_is_cut_off_by_the_head_timeout() {
     let s = Setup::new(LOAD_W, 0, 60);
     let d = s.start();
     let before = dropped(&d);
+    // taken before connecting: the server's head timeout cannot start earlier
+    let started = Instant::now();
     let mut c = connect(d.http);
     c.set_read_timeout(Some(Duration::from_millis(1))).unwrap();
     let request = b"GET /metrics HTTP/1.1\r\nHost: x\r\nUser-Agent: slow\r\n\r\n";
-    let started = Instant::now();
     let mut closed = None;
     for &byte in request {
         if c.write_all(&[byte]).is_err() {
