@@ -1,7 +1,8 @@
 //! Load benchmark (prints figures; asserts nothing). `cargo bench -p powermeterd --bench load`
 //!
 //! - port-9001 queries/s and latency percentiles with 32 concurrent clients on loopback,
-//! - RSS of the daemon idle and under that load, CPU use while idle,
+//! - HTTP `GET /metrics` requests/s and latency percentiles with as many clients,
+//! - RSS of the daemon idle and under each load, CPU use while idle,
 //! - CPU time of the daemon per 1 million simulated pulses, and of the counting core alone.
 //!
 //! Environment: `BENCH_SECONDS` (load duration, default 5), `BENCH_CLIENTS` (default 32),
@@ -31,6 +32,7 @@ fn free_port() -> u16 {
 struct Daemon {
     child: Child,
     port: u16,
+    http: u16,
     _dir: tempfile::TempDir,
 }
 
@@ -38,13 +40,14 @@ impl Daemon {
     fn start(watts: f64, debounce_ms: u64) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
+        let http = free_port();
         let config = dir.path().join("c.toml");
         std::fs::write(
             &config,
             format!(
                 "[meter]\npulses_per_kwh = 800\n[input]\nsource = \"sim\"\ndebounce_ms = {debounce_ms}\n\
                  [input.sim]\nwatts = {watts:?}\n[legacy]\nlisten = [\"127.0.0.1:{port}\"]\n\
-                 [http]\nlisten = []\n[state]\ndir = \"{}\"\nsave_interval_s = 60\n",
+                 [http]\nlisten = [\"127.0.0.1:{http}\"]\n[state]\ndir = \"{}\"\nsave_interval_s = 60\n",
                 dir.path().join("state").display()
             ),
         )
@@ -68,13 +71,16 @@ impl Daemon {
             .spawn()
             .unwrap();
         let deadline = Instant::now() + Duration::from_secs(30);
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        while TcpStream::connect(("127.0.0.1", port)).is_err()
+            || TcpStream::connect(("127.0.0.1", http)).is_err()
+        {
             assert!(Instant::now() < deadline, "daemon did not start");
             std::thread::sleep(Duration::from_millis(10));
         }
         Self {
             child,
             port,
+            http,
             _dir: dir,
         }
     }
@@ -138,15 +144,23 @@ impl Samples {
     }
 }
 
-/// One client on its own thread with blocking sockets.
-fn blocking_client(port: u16, stop_at: Instant) -> Samples {
+/// The request of the HTTP load.
+const METRICS_REQUEST: &[u8] = b"GET /metrics HTTP/1.1\r\nHost: bench\r\n\r\n";
+
+/// One client on its own thread with blocking sockets; sends `request` (if not empty) on
+/// each connection, reads the answer to the end.
+fn blocking_client(port: u16, request: &'static [u8], stop_at: Instant) -> Samples {
+    use std::io::Write;
     let mut samples = Samples::default();
-    let mut buf = Vec::with_capacity(32);
+    let mut buf = Vec::with_capacity(4096);
     while Instant::now() < stop_at {
         let t = Instant::now();
         buf.clear();
         let answered = TcpStream::connect(("127.0.0.1", port))
-            .and_then(|mut s| s.read_to_end(&mut buf))
+            .and_then(|mut s| {
+                s.write_all(request)?;
+                s.read_to_end(&mut buf)
+            })
             .is_ok_and(|n| n > 0);
         samples.record(t, answered);
     }
@@ -154,8 +168,8 @@ fn blocking_client(port: u16, stop_at: Instant) -> Samples {
 }
 
 /// `n` clients as tokio tasks on one current-thread runtime.
-fn task_clients(n: usize, port: u16, stop_at: Instant) -> Samples {
-    use tokio::io::AsyncReadExt;
+fn task_clients(n: usize, port: u16, request: &'static [u8], stop_at: Instant) -> Samples {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -165,13 +179,16 @@ fn task_clients(n: usize, port: u16, stop_at: Instant) -> Samples {
             .map(|_| {
                 tokio::spawn(async move {
                     let mut samples = Samples::default();
-                    let mut buf = Vec::with_capacity(32);
+                    let mut buf = Vec::with_capacity(4096);
                     while Instant::now() < stop_at {
                         let t = Instant::now();
                         buf.clear();
                         let answered =
                             match tokio::net::TcpStream::connect(("127.0.0.1", port)).await {
-                                Ok(mut s) => s.read_to_end(&mut buf).await.is_ok_and(|n| n > 0),
+                                Ok(mut s) => {
+                                    s.write_all(request).await.is_ok()
+                                        && s.read_to_end(&mut buf).await.is_ok_and(|n| n > 0)
+                                }
                                 Err(_) => false,
                             };
                         samples.record(t, answered);
@@ -188,20 +205,53 @@ fn task_clients(n: usize, port: u16, stop_at: Instant) -> Samples {
     })
 }
 
-fn main() {
-    // `cargo bench` passes `--bench`; `cargo test --benches` would pass nothing useful.
-    let seconds = env_num("BENCH_SECONDS", 5);
-    let clients = env_num("BENCH_CLIENTS", 32) as usize;
+/// What one load phase measured.
+struct Load {
+    lat: Vec<u32>,
+    errors: u64,
+    elapsed: f64,
+    server_cpu: f64,
+    rss_max: u64,
+    /// RssAnon and RssFile when RSS peaked.
+    rss_split: (u64, u64),
+}
 
-    let d = Daemon::start(1500.0, 20);
-    std::thread::sleep(Duration::from_secs(1));
-    let cpu0 = d.cpu_s();
-    let idle_for = Duration::from_secs(3);
-    std::thread::sleep(idle_for);
-    let idle_cpu = (d.cpu_s() - cpu0) / idle_for.as_secs_f64() * 100.0;
-    let rss_idle = d.status_kib("VmRSS:");
+impl Load {
+    fn rate(&self) -> f64 {
+        self.lat.len() as f64 / self.elapsed
+    }
 
-    let port = d.port;
+    fn pct(&self, p: f64) -> u32 {
+        self.lat[((self.lat.len() as f64 * p) as usize).min(self.lat.len() - 1)]
+    }
+
+    fn print(&self, what: &str, clients: usize, mode: &str) {
+        println!(
+            "{what}, {clients} clients ({mode}), {:.1} s: {:.0} requests/s, {} errors",
+            self.elapsed,
+            self.rate(),
+            self.errors
+        );
+        println!(
+            "  latency: p50 {} us, p99 {} us, max {} us",
+            self.pct(0.50),
+            self.pct(0.99),
+            self.lat[self.lat.len() - 1]
+        );
+        println!(
+            "  daemon CPU under load: {:.0} % of one core, {:.2} ms per 1,000 requests; \
+             RSS up to {} KiB (anonymous {} KiB, file-backed {} KiB)",
+            self.server_cpu,
+            self.server_cpu / 100.0 * self.elapsed / self.lat.len() as f64 * 1e6,
+            self.rss_max,
+            self.rss_split.0,
+            self.rss_split.1
+        );
+    }
+}
+
+/// `clients` clients against `port` for `seconds`, each sending `request` per connection.
+fn load(d: &Daemon, port: u16, request: &'static [u8], clients: usize, seconds: u64) -> Load {
     let cpu_load0 = d.cpu_s();
     let stop_at = Instant::now() + Duration::from_secs(seconds);
     let started = Instant::now();
@@ -214,17 +264,21 @@ fn main() {
         (0..client_threads)
             .map(|t| {
                 let n = clients / client_threads + usize::from(t < clients % client_threads);
-                std::thread::spawn(move || task_clients(n, port, stop_at))
+                std::thread::spawn(move || task_clients(n, port, request, stop_at))
             })
             .collect()
     } else {
         (0..clients)
-            .map(|_| std::thread::spawn(move || blocking_client(port, stop_at)))
+            .map(|_| std::thread::spawn(move || blocking_client(port, request, stop_at)))
             .collect()
     };
-    let mut rss_load = 0;
+    let (mut rss_max, mut rss_split) = (0, (0, 0));
     while Instant::now() < stop_at {
-        rss_load = rss_load.max(d.status_kib("VmRSS:"));
+        let rss = d.status_kib("VmRSS:");
+        if rss > rss_max {
+            rss_max = rss;
+            rss_split = (d.status_kib("RssAnon:"), d.status_kib("RssFile:"));
+        }
         std::thread::sleep(Duration::from_millis(200));
     }
     let mut all = Samples::default();
@@ -235,7 +289,33 @@ fn main() {
     let elapsed = started.elapsed().as_secs_f64();
     let server_cpu = (d.cpu_s() - cpu_load0) / elapsed * 100.0;
     lat.sort_unstable();
-    let pct = |p: f64| lat[((lat.len() as f64 * p) as usize).min(lat.len() - 1)];
+    Load {
+        lat,
+        errors,
+        elapsed,
+        server_cpu,
+        rss_max,
+        rss_split,
+    }
+}
+
+fn main() {
+    // `cargo bench` passes `--bench`; `cargo test --benches` would pass nothing useful.
+    let seconds = env_num("BENCH_SECONDS", 5);
+    let clients = env_num("BENCH_CLIENTS", 32) as usize;
+    let mode = std::env::var("BENCH_CLIENT_MODE").unwrap_or_else(|_| "tasks".into());
+
+    let d = Daemon::start(1500.0, 20);
+    std::thread::sleep(Duration::from_secs(1));
+    let cpu0 = d.cpu_s();
+    let idle_for = Duration::from_secs(3);
+    std::thread::sleep(idle_for);
+    let idle_cpu = (d.cpu_s() - cpu0) / idle_for.as_secs_f64() * 100.0;
+    let rss_idle = d.status_kib("VmRSS:");
+    let idle_split = (d.status_kib("RssAnon:"), d.status_kib("RssFile:"));
+
+    let legacy = load(&d, d.port, b"", clients, seconds);
+    let http = load(&d, d.http, METRICS_REQUEST, clients, seconds);
     let hwm = d.status_kib("VmHWM:");
     drop(d);
 
@@ -268,29 +348,21 @@ fn main() {
         "powermeterd load benchmark ({} cores)",
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
-    println!(
-        "port 9001, {clients} clients ({mode}), {elapsed:.1} s: {:.0} queries/s, {} errors",
-        lat.len() as f64 / elapsed,
-        errors
-    );
-    println!(
-        "latency: p50 {} us, p99 {} us, max {} us",
-        pct(0.50),
-        pct(0.99),
-        lat[lat.len() - 1]
-    );
     if let Ok(runner) = std::env::var("BENCH_RUNNER") {
         println!(
             "daemon: {} through `{runner}` (RSS and CPU include the emulator)",
             std::env::var("BENCH_DAEMON").unwrap_or_else(|_| BIN.into())
         );
     }
-    println!("daemon CPU under load: {server_cpu:.0} % of one core");
+    legacy.print("port 9001", clients, &mode);
+    http.print("HTTP GET /metrics", clients, &mode);
     println!(
-        "daemon CPU per 1,000 port-9001 queries: {:.2} ms",
-        server_cpu / 100.0 * elapsed / lat.len() as f64 * 1e6
+        "RSS idle {rss_idle} KiB (anonymous {} KiB, file-backed {} KiB), under load {} KiB \
+         (peak VmHWM {hwm} KiB)",
+        idle_split.0,
+        idle_split.1,
+        legacy.rss_max.max(http.rss_max)
     );
-    println!("RSS idle {rss_idle} KiB, under load {rss_load} KiB (peak VmHWM {hwm} KiB)");
     println!("idle CPU {idle_cpu:.2} % of one core (1500 W simulated, 1 pulse / 3 s)");
     println!(
         "daemon CPU per 1M simulated pulses: {per_million:.3} s ({} pulses in 5 s)",

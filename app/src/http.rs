@@ -1,46 +1,75 @@
-//! A small HTTP/1.1 server for `/metrics`, `/health` and `/api/v1/reading`.
+//! The HTTP server of `/metrics`, `/health` and `/api/v1/reading`, on hyper's HTTP/1 server.
 //!
-//! One request per connection (`Connection: close`), GET and HEAD only, the request head is
-//! limited to [`MAX_HEAD`] bytes and must arrive within [`READ_TIMEOUT`]; at most
-//! [`MAX_CONNECTIONS`] are served at once. It runs beside the counter and never holds the
-//! meter's lock for longer than it takes to copy the figures.
+//! hyper parses the requests and writes the responses; this module sets the limits around it
+//! and routes:
+//!
+//! - one request per connection: hyper answers with `Connection: close` and closes, so a
+//!   pipelined second request is never read as a request;
+//! - the request head (request line and headers) is at most [`MAX_HEAD`] bytes (else hyper
+//!   answers `431` and closes) and must arrive within [`HEAD_TIMEOUT`] (else the connection is
+//!   closed without an answer);
+//! - request bodies are never read: no route takes one, and the connection ends with the
+//!   answer; the whole connection, from accept to the last byte of the answer, is cut off
+//!   after [`CONNECTION_TIMEOUT`], which bounds slow readers and slow bodies alike;
+//! - at most [`MAX_CONNECTIONS`] connections are served at once; further clients wait in the
+//!   kernel's accept queue.
+//!
+//! It runs beside the counter and never holds the meter's lock for longer than it takes to
+//! copy the figures ([`Shared::reading`]); the text is rendered after the lock is released.
 
+use std::convert::Infallible;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use http_body_util::Full;
+use hyper::body::{Bytes, Incoming};
+use hyper::header::{ALLOW, CACHE_CONTROL, CONTENT_TYPE, HeaderValue};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 
 use crate::clock;
 use crate::metrics;
 use crate::shared::{Beat, Shared};
 
-/// Largest request head accepted.
+/// Largest request head (request line plus headers) accepted; hyper answers 431 beyond it.
 pub const MAX_HEAD: usize = 8 * 1024;
-/// Time a client has to send its request head.
-pub const READ_TIMEOUT: Duration = Duration::from_secs(5);
-/// Time a client has to take the response.
-pub const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
-/// Connections served at once.
-pub const MAX_CONNECTIONS: usize = 64;
+/// Time a client has to send its request head, from the first read on.
+pub const HEAD_TIMEOUT: Duration = Duration::from_secs(5);
+/// Time a connection may last in all, head and answer included (a slow reader or a slow
+/// body is cut off by it).
+pub const CONNECTION_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connections served at once. Each holds hyper's read and write buffers (8 KiB each, ~17 KiB
+/// of RSS per connection measured), and the daemon's RSS budget is 4 MiB; a few scrapers
+/// need one connection each, for milliseconds.
+pub const MAX_CONNECTIONS: usize = 8;
+/// hyper's read buffer, at most: the head limit (also hyper's smallest buffer).
+const READ_BUFFER: usize = MAX_HEAD;
+/// The methods every route allows.
+const ALLOWED: &str = "GET, HEAD";
+/// The routes.
+const PATHS: [&str; 3] = ["/metrics", "/health", "/api/v1/reading"];
 
-/// A response: status, content type, body.
+/// An answer: status, content type, body, and the `Allow` header of a 405.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Response {
-    /// HTTP status code.
-    pub status: u16,
+pub struct Reply {
+    /// The status.
+    pub status: StatusCode,
     /// Content-Type.
     pub content_type: &'static str,
-    /// Body (left out for HEAD).
+    /// The body (hyper leaves it out for HEAD, keeping its length).
     pub body: String,
     /// An `Allow` header, for 405.
     pub allow: Option<&'static str>,
 }
 
-impl Response {
-    fn text(status: u16, body: impl Into<String>) -> Self {
+impl Reply {
+    fn text(status: StatusCode, body: impl Into<String>) -> Self {
         Self {
             status,
             content_type: "text/plain; charset=utf-8",
@@ -49,102 +78,122 @@ impl Response {
         }
     }
 
-    /// The bytes on the wire; `head_only` leaves the body out.
-    pub fn encode(&self, head_only: bool) -> Vec<u8> {
-        let mut out = format!(
-            "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\n\
-             Cache-Control: no-store\r\nConnection: close\r\n",
-            self.status,
-            reason(self.status),
-            self.content_type,
-            self.body.len()
-        );
+    /// The hyper response, with `Cache-Control: no-store`.
+    fn into_response(self) -> Response<Full<Bytes>> {
+        let mut response = Response::new(Full::new(Bytes::from(self.body)));
+        *response.status_mut() = self.status;
+        let headers = response.headers_mut();
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static(self.content_type));
+        headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
         if let Some(allow) = self.allow {
-            out.push_str("Allow: ");
-            out.push_str(allow);
-            out.push_str("\r\n");
+            headers.insert(ALLOW, HeaderValue::from_static(allow));
         }
-        out.push_str("\r\n");
-        let mut bytes = out.into_bytes();
-        if !head_only {
-            bytes.extend_from_slice(self.body.as_bytes());
-        }
-        bytes
+        response
     }
 }
 
-fn reason(status: u16) -> &'static str {
-    match status {
-        200 => "OK",
-        400 => "Bad Request",
-        404 => "Not Found",
-        405 => "Method Not Allowed",
-        408 => "Request Timeout",
-        503 => "Service Unavailable",
-        _ => "Unknown",
+/// Routes a request by method and path (the request target as sent: origin form `/x?q`, or
+/// absolute form `http://host/x`). `input` names the pulse source for the build info.
+pub fn route(method: &Method, path: &str, shared: &Shared, input: &str) -> Reply {
+    if !path.starts_with('/') {
+        // authority form (`host:port`) or asterisk form (`*`): not for these resources
+        return Reply::text(StatusCode::BAD_REQUEST, "bad request\n");
     }
-}
-
-/// A parsed request line.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Request<'a> {
-    /// The method.
-    pub method: &'a str,
-    /// The path, without the query.
-    pub path: &'a str,
-}
-
-/// Parses a request head (request line plus headers, ending in an empty line).
-pub fn parse_head(head: &[u8]) -> Option<Request<'_>> {
-    let text = std::str::from_utf8(head).ok()?;
-    let line = text.split("\r\n").next()?.trim_end_matches('\n');
-    let mut parts = line.split(' ');
-    let (method, target, version) = (parts.next()?, parts.next()?, parts.next()?);
-    if parts.next().is_some()
-        || !matches!(version, "HTTP/1.0" | "HTTP/1.1")
-        || method.is_empty()
-        || !method.bytes().all(|b| b.is_ascii_uppercase())
-        || !target.starts_with('/')
-    {
-        return None;
+    if !PATHS.contains(&path) {
+        return Reply::text(StatusCode::NOT_FOUND, "not found\n");
     }
-    let path = target.split(['?', '#']).next().unwrap_or(target);
-    Some(Request { method, path })
-}
-
-/// Routes a request. `input` names the pulse source for the build info.
-pub fn route(req: &Request<'_>, shared: &Shared, input: &str) -> Response {
-    const PATHS: [&str; 3] = ["/metrics", "/health", "/api/v1/reading"];
-    if !PATHS.contains(&req.path) {
-        return Response::text(404, "not found\n");
-    }
-    if !matches!(req.method, "GET" | "HEAD") {
-        let mut r = Response::text(405, "method not allowed\n");
-        r.allow = Some("GET, HEAD");
+    if method != Method::GET && method != Method::HEAD {
+        let mut r = Reply::text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
+        r.allow = Some(ALLOWED);
         return r;
     }
+    // The lock is held only inside `reading()`, to copy the figures.
     let reading = || shared.reading(clock::monotonic_ns());
-    match req.path {
-        "/metrics" => Response {
-            status: 200,
+    match path {
+        "/metrics" => Reply {
+            status: StatusCode::OK,
             content_type: metrics::PROMETHEUS_CONTENT_TYPE,
             body: metrics::prometheus(&reading(), input),
             allow: None,
         },
-        "/api/v1/reading" => Response {
-            status: 200,
-            content_type: "application/json",
+        "/api/v1/reading" => Reply {
+            status: StatusCode::OK,
+            content_type: metrics::JSON_CONTENT_TYPE,
             body: metrics::json(&reading()),
             allow: None,
         },
         _ => match shared.health() {
-            Ok(()) => Response::text(200, "ok\n"),
-            Err(why) => Response::text(503, format!("unhealthy: {}\n", why.join("; "))),
+            Ok(()) => Reply::text(StatusCode::OK, "ok\n"),
+            Err(why) => Reply::text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("unhealthy: {}\n", why.join("; ")),
+            ),
         },
     }
 }
 
-/// Accepts on `listener` until `stop` turns true; beats `beat` at least every `tick`.
+/// Why a connection ended without a complete exchange.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectionError {
+    /// The request head did not arrive within [`HEAD_TIMEOUT`].
+    #[error("no complete request head within {HEAD_TIMEOUT:?}")]
+    HeadTimeout,
+    /// The connection outlived [`CONNECTION_TIMEOUT`] (a slow reader or a slow body).
+    #[error("connection still open after {CONNECTION_TIMEOUT:?}")]
+    Deadline,
+    /// The request head was larger than [`MAX_HEAD`] (answered 431).
+    #[error("request head larger than {MAX_HEAD} bytes")]
+    HeadTooLarge,
+    /// The request was malformed (answered 400) or the client went away early.
+    #[error("{0}")]
+    Http(#[source] hyper::Error),
+}
+
+/// Serves one connection on any byte stream: a TCP stream, or an in-memory pipe in the tests
+/// and the fuzzer. Returns when the answer is written or the connection was cut off.
+pub async fn serve_connection<S>(
+    stream: S,
+    shared: Arc<Shared>,
+    input: &'static str,
+) -> Result<(), ConnectionError>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let service = service_fn(move |req: Request<Incoming>| {
+        let reply = route(req.method(), request_path(&req), &shared, input);
+        shared.net.http_requests.fetch_add(1, Ordering::Relaxed);
+        std::future::ready(Ok::<_, Infallible>(reply.into_response()))
+    });
+    let connection = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEAD_TIMEOUT)
+        .keep_alive(false)
+        // a client may shut its sending side once its request is out (`printf ... | nc`)
+        .half_close(true)
+        .max_buf_size(READ_BUFFER)
+        .max_header_size(MAX_HEAD)
+        .serve_connection(TokioIo::new(stream), service);
+    match tokio::time::timeout(CONNECTION_TIMEOUT, connection).await {
+        Err(_) => Err(ConnectionError::Deadline),
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) if e.is_timeout() => Err(ConnectionError::HeadTimeout),
+        Ok(Err(e)) if e.is_parse_too_large() => Err(ConnectionError::HeadTooLarge),
+        Ok(Err(e)) => Err(ConnectionError::Http(e)),
+    }
+}
+
+/// The path of the request target; the target as sent when it has no path (`*`, `host:port`),
+/// which [`route`] refuses.
+fn request_path(req: &Request<Incoming>) -> &str {
+    let uri = req.uri();
+    if uri.scheme().is_none() && uri.authority().is_some() {
+        return ""; // authority form
+    }
+    uri.path()
+}
+
+/// Accepts on `listener` until `stop` turns true; beats `beat` at least every `tick`, also
+/// while every connection slot is taken (the loop is idle then, not stalled).
 pub async fn serve(
     listener: TcpListener,
     shared: Arc<Shared>,
@@ -170,7 +219,8 @@ pub async fn serve(
                     let shared = shared.clone();
                     tokio::spawn(async move {
                         let _permit = permit;
-                        if !handle(stream, &shared, input).await {
+                        if let Err(e) = serve_connection(stream, shared.clone(), input).await {
+                            tracing::debug!(error = %e, "http: connection cut off");
                             shared.net.dropped.fetch_add(1, Ordering::Relaxed);
                         }
                     });
@@ -186,73 +236,11 @@ pub async fn serve(
     }
 }
 
-/// Serves one connection. False when the client was dropped (timeout, oversized head).
-async fn handle(mut stream: TcpStream, shared: &Shared, input: &str) -> bool {
-    let mut buf = Vec::with_capacity(1024);
-    let head = tokio::time::timeout(READ_TIMEOUT, read_head(&mut stream, &mut buf)).await;
-    let (response, head_only, ok) = match head {
-        Err(_) => (Response::text(408, "request timeout\n"), false, false),
-        Ok(Err(HeadError::Io)) => return false,
-        Ok(Err(HeadError::TooLarge)) => (Response::text(400, "request too large\n"), false, false),
-        Ok(Ok(end)) => match parse_head(&buf[..end]) {
-            None => (Response::text(400, "bad request\n"), false, true),
-            Some(req) => (route(&req, shared, input), req.method == "HEAD", true),
-        },
-    };
-    shared.net.http_requests.fetch_add(1, Ordering::Relaxed);
-    let bytes = response.encode(head_only);
-    let written = tokio::time::timeout(WRITE_TIMEOUT, async {
-        stream.write_all(&bytes).await?;
-        stream.shutdown().await
-    })
-    .await;
-    ok && matches!(written, Ok(Ok(())))
-}
-
-enum HeadError {
-    Io,
-    TooLarge,
-}
-
-/// Reads until the empty line that ends the head; returns the head's length.
-async fn read_head(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Result<usize, HeadError> {
-    let mut chunk = [0u8; 1024];
-    loop {
-        if let Some(end) = find_end(buf) {
-            return Ok(end);
-        }
-        if buf.len() >= MAX_HEAD {
-            return Err(HeadError::TooLarge);
-        }
-        match stream.read(&mut chunk).await {
-            Ok(0) => {
-                // EOF before the blank line: accept a bare request line (HTTP/0.9-style
-                // clients such as `printf 'GET /metrics HTTP/1.0\n' | nc`).
-                return if buf.is_empty() {
-                    Err(HeadError::Io)
-                } else {
-                    Ok(buf.len())
-                };
-            }
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            Err(_) => return Err(HeadError::Io),
-        }
-    }
-}
-
-fn find_end(buf: &[u8]) -> Option<usize> {
-    let crlf = buf.windows(4).position(|w| w == b"\r\n\r\n").map(|i| i + 4);
-    let lf = buf.windows(2).position(|w| w == b"\n\n").map(|i| i + 2);
-    match (crlf, lf) {
-        (Some(a), Some(b)) => Some(a.min(b)),
-        (a, b) => a.or(b),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::meter::{EnergyRegister, Meter, MeterSettings};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     fn shared() -> Shared {
         let settings = MeterSettings {
@@ -263,62 +251,45 @@ mod tests {
         Shared::new(Meter::new(settings, 800, EnergyRegister::default()))
     }
 
-    #[test]
-    fn parses_request_lines() {
-        let r = parse_head(b"GET /metrics?x=1 HTTP/1.1\r\nHost: a\r\n\r\n").unwrap();
-        assert_eq!((r.method, r.path), ("GET", "/metrics"));
-        assert!(parse_head(b"GET /metrics\r\n\r\n").is_none());
-        assert!(parse_head(b"GET metrics HTTP/1.1\r\n\r\n").is_none());
-        assert!(parse_head(b"get /metrics HTTP/1.1\r\n\r\n").is_none());
-        assert!(parse_head(b"GET /metrics HTTP/2.0\r\n\r\n").is_none());
-        assert!(parse_head(b"GET  /metrics HTTP/1.1\r\n\r\n").is_none());
-        assert!(parse_head(b"\xff\xfe").is_none());
+    /// Sends `raw` on an in-memory connection, closes the sending side, returns the answer.
+    async fn exchange(raw: &[u8]) -> (String, Result<(), ConnectionError>) {
+        let (mut client, server) = tokio::io::duplex(64 * 1024);
+        let served = tokio::spawn(serve_connection(server, Arc::new(shared()), "sim"));
+        client.write_all(raw).await.unwrap();
+        client.shutdown().await.unwrap();
+        let mut out = Vec::new();
+        client.read_to_end(&mut out).await.unwrap();
+        (
+            String::from_utf8_lossy(&out).into_owned(),
+            served.await.unwrap(),
+        )
     }
 
     #[test]
     fn routes() {
         let s = shared();
-        let get = |path| {
-            route(
-                &Request {
-                    method: "GET",
-                    path,
-                },
-                &s,
-                "sim",
-            )
-        };
+        let get = |path| route(&Method::GET, path, &s, "sim");
         assert_eq!(get("/nope").status, 404);
         assert_eq!(get("/").status, 404);
+        assert_eq!(get("*").status, 400);
         let m = get("/metrics");
         assert_eq!(m.status, 200);
         assert!(m.body.contains("powermeter_pulses_total 800\n"));
         assert!(m.body.contains("powermeter_energy_kwh_total 1\n"));
         assert!(get("/api/v1/reading").body.contains("\"pulses_total\":800"));
-        let post = route(
-            &Request {
-                method: "POST",
-                path: "/metrics",
-            },
-            &s,
-            "sim",
+        let post = route(&Method::POST, "/metrics", &s, "sim");
+        assert_eq!(
+            (post.status, post.allow),
+            (StatusCode::METHOD_NOT_ALLOWED, Some(ALLOWED))
         );
-        assert_eq!((post.status, post.allow), (405, Some("GET, HEAD")));
+        let head = route(&Method::HEAD, "/metrics", &s, "sim");
+        assert_eq!(head.status, 200);
     }
 
     #[test]
     fn health_reflects_input_and_saves() {
         let s = shared();
-        let health = |s: &Shared| {
-            route(
-                &Request {
-                    method: "GET",
-                    path: "/health",
-                },
-                s,
-                "sim",
-            )
-        };
+        let health = |s: &Shared| route(&Method::GET, "/health", s, "sim");
         let r = health(&s);
         assert_eq!(r.status, 503);
         assert!(r.body.contains("input not armed") && r.body.contains("no state save yet"));
@@ -331,27 +302,87 @@ mod tests {
         assert!(r.body.contains("disk full"), "{}", r.body);
     }
 
-    #[test]
-    fn head_has_no_body_but_the_length() {
-        let r = Response::text(200, "ok\n");
-        let bytes = String::from_utf8(r.encode(true)).unwrap();
-        assert!(bytes.contains("Content-Length: 3\r\n") && bytes.ends_with("\r\n\r\n"));
+    #[tokio::test]
+    async fn one_request_per_connection_with_the_headers() {
+        let (out, r) = exchange(b"GET /metrics?x=1 HTTP/1.1\r\nHost: a\r\n\r\n").await;
+        assert!(r.is_ok(), "{r:?}");
+        assert!(out.starts_with("HTTP/1.1 200 OK\r\n"), "{out}");
+        let head = out.split("\r\n\r\n").next().unwrap().to_ascii_lowercase();
+        assert!(head.contains("\r\ncache-control: no-store"), "{head}");
+        assert!(head.contains("\r\nconnection: close"), "{head}");
+        assert!(
+            head.contains("\r\ncontent-type: text/plain; version=0.0.4"),
+            "{head}"
+        );
+        assert!(out.contains("powermeter_pulses_total 800\n"));
+        // a pipelined second request is not answered: the connection closes after the first
+        let two = b"GET /health HTTP/1.1\r\n\r\nGET /metrics HTTP/1.1\r\n\r\n";
+        let (out, _) = exchange(two).await;
+        assert_eq!(out.matches("HTTP/1.1 ").count(), 1, "{out}");
+        assert!(out.starts_with("HTTP/1.1 503 "), "{out}");
     }
 
-    proptest::proptest! {
-        #[test]
-        fn any_bytes_parse_or_are_rejected_without_panic(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512)) {
-            if let Some(r) = parse_head(&bytes) {
-                proptest::prop_assert!(r.path.starts_with('/'));
-            }
-            let _ = find_end(&bytes);
-        }
+    #[tokio::test]
+    async fn head_has_the_length_but_no_body() {
+        let (get, _) = exchange(b"GET /health HTTP/1.1\r\n\r\n").await;
+        let (head, _) = exchange(b"HEAD /health HTTP/1.1\r\n\r\n").await;
+        let length = |s: &str| {
+            s.to_ascii_lowercase()
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length: ").map(str::to_owned))
+        };
+        assert!(length(&get).is_some());
+        assert_eq!(length(&get), length(&head));
+        assert!(head.ends_with("\r\n\r\n"), "{head}");
     }
 
-    #[test]
-    fn head_end_detection() {
-        assert_eq!(find_end(b"GET / HTTP/1.1\r\n\r\nrest"), Some(18));
-        assert_eq!(find_end(b"GET / HTTP/1.1\n\n"), Some(16));
-        assert_eq!(find_end(b"GET / HTTP/1.1\r\n"), None);
+    #[tokio::test]
+    async fn refusals() {
+        let status = |out: &str| out.split(' ').nth(1).unwrap_or("").to_owned();
+        let (out, _) = exchange(b"BLAH\r\n\r\n").await;
+        assert_eq!(status(&out), "400", "{out}");
+        let (out, _) = exchange(b"GET metrics HTTP/1.1\r\n\r\n").await;
+        assert_eq!(status(&out), "400", "{out}");
+        let (out, _) = exchange(b"DELETE /health HTTP/1.1\r\n\r\n").await;
+        assert_eq!(status(&out), "405", "{out}");
+        assert!(
+            out.to_ascii_lowercase()
+                .contains("\r\nallow: get, head\r\n"),
+            "{out}"
+        );
+        let (out, _) = exchange(b"GET http://x/api/v1/reading HTTP/1.1\r\n\r\n").await;
+        assert_eq!(status(&out), "200", "{out}");
+        let huge = format!("GET / HTTP/1.1\r\nX: {}\r\n\r\n", "a".repeat(MAX_HEAD));
+        let (out, r) = exchange(huge.as_bytes()).await;
+        assert_eq!(status(&out), "431", "{out}");
+        assert!(matches!(r, Err(ConnectionError::HeadTooLarge)), "{r:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_client_is_cut_off_by_the_head_timeout() {
+        let (mut client, server) = tokio::io::duplex(1024);
+        let served = tokio::spawn(serve_connection(server, Arc::new(shared()), "sim"));
+        client
+            .write_all(b"GET /metrics HTTP/1.1\r\n")
+            .await
+            .unwrap();
+        let r = served.await.unwrap();
+        assert!(matches!(r, Err(ConnectionError::HeadTimeout)), "{r:?}");
+        let mut out = Vec::new();
+        client.read_to_end(&mut out).await.unwrap();
+        assert!(out.is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_does_not_read_is_cut_off_by_the_deadline() {
+        // a tiny pipe that the client never drains: the answer cannot be written
+        let (mut client, server) = tokio::io::duplex(16);
+        let served = tokio::spawn(serve_connection(server, Arc::new(shared()), "sim"));
+        client
+            .write_all(b"GET /metrics HTTP/1.1\r\n\r\n")
+            .await
+            .unwrap();
+        let r = served.await.unwrap();
+        assert!(matches!(r, Err(ConnectionError::Deadline)), "{r:?}");
     }
 }

@@ -8,6 +8,7 @@ pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod daemon;
+pub mod fuzz;
 pub mod http;
 pub mod input;
 pub mod legacy;

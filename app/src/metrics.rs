@@ -1,6 +1,9 @@
-//! Renders a [`Reading`] as Prometheus text exposition (format 0.0.4) and as JSON.
+//! Renders a [`Reading`] as Prometheus text exposition (format 0.0.4, written here: a fixed
+//! set of series from one snapshot) and as JSON (serde_json, from `Reading`'s `Serialize`).
 
 use std::fmt::Write as _;
+
+use serde::Serialize;
 
 use crate::shared::Reading;
 
@@ -109,32 +112,31 @@ pub fn prometheus(r: &Reading, input: &str) -> String {
     out
 }
 
-/// The JSON document of `GET /api/v1/reading`.
-pub fn json(r: &Reading) -> String {
-    let last = r.last_pulse_unix_s.map_or_else(|| "null".to_owned(), float);
-    format!(
-        concat!(
-            "{{\"pulses_total\":{},\"energy_kwh\":{},\"power_w\":{},",
-            "\"last_pulse_unix_s\":{},\"pulses_rejected_debounce\":{},\"edges_lost\":{},",
-            "\"pulses_per_kwh\":{},\"state_saves\":{},\"state_save_failures\":{},",
-            "\"input_armed\":{},\"uptime_s\":{},\"version\":\"{}\"}}\n"
-        ),
-        r.pulses_total,
-        float(r.energy_kwh),
-        float(r.power_w),
-        last,
-        r.rejected_debounce,
-        r.edges_lost,
-        r.pulses_per_kwh,
-        r.state_saves,
-        r.state_save_failures,
-        r.input_armed,
-        float(r.uptime_s),
-        label(crate::VERSION),
-    )
+/// Content type of [`json`]'s output.
+pub const JSON_CONTENT_TYPE: &str = "application/json";
+
+/// The document of `GET /api/v1/reading`: the reading's figures, then the daemon's version.
+#[derive(Serialize)]
+struct Document<'a> {
+    #[serde(flatten)]
+    reading: &'a Reading,
+    version: &'static str,
 }
 
-/// A finite float in a form both Prometheus and JSON accept.
+/// The JSON document of `GET /api/v1/reading`, one line.
+pub fn json(r: &Reading) -> String {
+    let doc = Document {
+        reading: r,
+        version: crate::VERSION,
+    };
+    // Serializing plain numbers, bools and strings into a String cannot fail; the fallback
+    // keeps the route total all the same.
+    let mut out = serde_json::to_string(&doc).unwrap_or_else(|_| "{}".to_owned());
+    out.push('\n');
+    out
+}
+
+/// A finite float in a form Prometheus accepts.
 fn float(v: f64) -> String {
     if v.is_finite() {
         format!("{v}")
@@ -143,7 +145,7 @@ fn float(v: f64) -> String {
     }
 }
 
-/// Escapes a label value (also a safe JSON string body for our inputs).
+/// Escapes a label value.
 fn label(s: &str) -> String {
     s.replace('\\', "\\\\")
         .replace('"', "\\\"")
@@ -214,7 +216,19 @@ mod tests {
     fn json_has_every_figure_and_null_before_a_pulse() {
         let mut r = reading();
         let j = json(&r);
-        assert!(j.starts_with("{\"pulses_total\":1234,\"energy_kwh\":1.5425,\"power_w\":1500,"));
+        assert!(
+            j.starts_with("{\"pulses_total\":1234,\"energy_kwh\":1.5425,\"power_w\":1500.0,"),
+            "{j}"
+        );
+        assert!(
+            j.ends_with(&format!(",\"version\":\"{}\"}}\n", crate::VERSION)),
+            "{j}"
+        );
+        for private in ["legacy_served", "http_requests", "dropped"] {
+            assert!(!j.contains(private), "{j}");
+        }
+        let parsed: serde_json::Value = serde_json::from_str(&j).unwrap();
+        assert_eq!(parsed["pulses_rejected_debounce"], 3);
         assert!(j.contains("\"last_pulse_unix_s\":1763836800.25"));
         r.last_pulse_unix_s = None;
         assert!(json(&r).contains("\"last_pulse_unix_s\":null"));

@@ -3,6 +3,8 @@
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
+use serde::Serialize;
+
 use crate::clock;
 use crate::meter::Meter;
 
@@ -179,7 +181,10 @@ impl Shared {
 }
 
 /// Every figure the daemon exports, taken at one instant.
-#[derive(Debug, Clone, PartialEq)]
+///
+/// Its `Serialize` is the JSON of `GET /api/v1/reading` (without the connection counters,
+/// which only `/metrics` has); the field order is the document's.
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Reading {
     /// Lifetime pulses.
     pub pulses_total: u64,
@@ -190,6 +195,7 @@ pub struct Reading {
     /// Unix time of the last pulse since start.
     pub last_pulse_unix_s: Option<f64>,
     /// Edges rejected by debounce since start.
+    #[serde(rename = "pulses_rejected_debounce")]
     pub rejected_debounce: u64,
     /// Edges the kernel lost since start.
     pub edges_lost: u64,
@@ -202,10 +208,13 @@ pub struct Reading {
     /// Input armed.
     pub input_armed: bool,
     /// Port-9001 connections answered.
+    #[serde(skip)]
     pub legacy_served: u64,
     /// HTTP requests answered.
+    #[serde(skip)]
     pub http_requests: u64,
     /// Connections dropped for timeouts or oversized requests.
+    #[serde(skip)]
     pub dropped: u64,
     /// Seconds since start.
     pub uptime_s: f64,

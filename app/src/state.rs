@@ -272,8 +272,23 @@ fn encode(number: u64, s: &Snapshot, saved_unix_s: u64) -> Vec<u8> {
          register_base_pulses={}\nsaved_unix_s={saved_unix_s}\n",
         s.pulses_total, s.register.base_kwh, s.register.base_pulses
     );
-    let sum = hex(&Sha256::digest(body.as_bytes()));
-    format!("{body}sha256={sum}\n").into_bytes()
+    with_checksum(body.as_bytes())
+}
+
+/// `body` followed by its checksum line.
+pub(crate) fn with_checksum(body: &[u8]) -> Vec<u8> {
+    let sum = hex(&Sha256::digest(body));
+    [body, b"sha256=", sum.as_bytes(), b"\n"].concat()
+}
+
+/// A generation's file (for the fuzzer).
+pub(crate) fn encode_generation(number: u64, s: &Snapshot, saved_unix_s: u64) -> Vec<u8> {
+    encode(number, s, saved_unix_s)
+}
+
+/// Decodes a generation's file into its number and snapshot (for the fuzzer).
+pub(crate) fn decode_generation(bytes: &[u8]) -> Result<(u64, Snapshot), Corruption> {
+    decode(bytes).map(|g| (g.number, g.snapshot))
 }
 
 fn decode(bytes: &[u8]) -> Result<Generation, Corruption> {
@@ -318,7 +333,9 @@ fn decode(bytes: &[u8]) -> Result<Generation, Corruption> {
     field("saved_unix_s")?
         .parse::<u64>()
         .map_err(|_| bad("saved_unix_s"))?;
-    if !base_kwh.is_finite() {
+    // The register is set from a meter's display (`--set-reading` takes only numbers >= 0):
+    // a negative one was never written by us.
+    if !(base_kwh.is_finite() && base_kwh >= 0.0) {
         return Err(bad("register_base_kwh"));
     }
     Ok(Generation {
