@@ -6,7 +6,8 @@ a loop device under the kernel's `dm-log-writes` target, mounted with /data's op
 (`noatime,commit=30`), gets SAVES consecutive saves through the daemon's `state::Store`
 (`app/examples/crashpoints.rs`, which marks the log after each save returned). The log is then
 replayed entry by entry, and at every flush/FUA entry a throw-away dm snapshot of the replayed
-disk is mounted (ext4 recovers its journal there) and the state loaded with `Store::open`. At
+disk is mounted (ext4 recovers its journal there) and the state loaded with `Store::open` (a
+point with no write since the point before has the same disk: its loaded state is reused). At
 every point the state must load, its count must be one that was saved (or the one being saved),
 not lower than the save before the last completed one, and not lower than the last completed one
 either (its save fsynced file and directory); never "all generations damaged".
@@ -24,9 +25,10 @@ import pytest
 
 from powermeter_lab.layout import REPO
 
-pytestmark = pytest.mark.xdist_group("guest-a")
+# qemu_x86: the tool is built for the host, so the guest must be x86-64 too
+pytestmark = [pytest.mark.xdist_group("guest-a"), pytest.mark.qemu_x86]
 
-SAVES = 60
+SAVES = 50
 CONTROL_SAVES = 10
 TOOL = "/run/crashpoints"
 WORK = "/data/crashpoints"
@@ -59,7 +61,7 @@ dev=$($T dm-create crashpoints-log log-writes "$(blockdev --getsz "$D")" "$D $L"
 __MKFS__ "$dev" >&2 || exit 3
 $T dm-message crashpoints-log "mark start" || exit 3
 mount -o __OPTS__ "$dev" /run/crashpoints-save || exit 3
-echo "saved: $($T saves /run/crashpoints-save/state "$n" crashpoints-log $mode | tr '\n' ' ')"
+echo "saved: $($T saves /run/crashpoints-save/state "$n" crashpoints-log ${mode:+"$mode"} | tr '\n' ' ')"
 umount /run/crashpoints-save && $T dm-remove crashpoints-log || exit 3
 O=$(losetup -f --show "$W/replay.img") && C=$(losetup -f --show "$W/cow.img") || exit 3
 $T check "$W/log.img" "$W/replay.img" "$O" "$C" start __OPTS__
