@@ -171,7 +171,7 @@ fn half_closed_client() {
 }
 
 /// Raises this process's open-file limit to what 1,000 client sockets need.
-fn allow_files(n: u64) {
+fn allow_files(n: libc::rlim_t) {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
