@@ -64,16 +64,6 @@ image_install_app() {
   if [ -e "$root/usr/lib/systemd/system/systemd-timesyncd.service" ]; then
     chroot "$root" systemctl enable systemd-timesyncd.service
   fi
-  # Wi-Fi: wpa_supplicant on wlan0 with the network the first-boot import saved, started when
-  # wlan0 appears (a wants link of its device unit, so nothing waits for a wlan0 that a machine
-  # does not have)
-  mkdir -p "$root/etc/wpa_supplicant"
-  ln -sfn /data/etc/wpa_supplicant/wpa_supplicant-wlan0.conf "$root/etc/wpa_supplicant/wpa_supplicant-wlan0.conf"
-  if [ -e "$root/usr/lib/systemd/system/wpa_supplicant@.service" ]; then
-    mkdir -p "$root/usr/lib/systemd/system/sys-subsystem-net-devices-wlan0.device.wants"
-    ln -sfn ../wpa_supplicant@.service \
-      "$root/usr/lib/systemd/system/sys-subsystem-net-devices-wlan0.device.wants/wpa_supplicant@wlan0.service"
-  fi
   chroot "$root" systemctl mask apt-daily.timer apt-daily-upgrade.timer e2scrub_all.timer \
     e2scrub_reap.service fstrim.timer dpkg-db-backup.timer systemd-firstboot.service ssh.socket wpa_supplicant.service \
     systemd-repart.service \
@@ -88,11 +78,8 @@ image_install_app() {
   rm -rf "$root/etc/powermeter"
   mkdir -p "$root/etc/powermeter"
   ln -s /data/etc/powermeter/powermeter.toml "$root/etc/powermeter/powermeter.toml"
-  # and so do its host name and time zone (seeded by powermeter-data-layout.service, set by the
-  # first-boot import from the boot partition)
-  rm -f "$root/etc/hostname" "$root/etc/localtime" "$root/etc/timezone"
-  ln -s /data/etc/hostname "$root/etc/hostname"
-  ln -s /data/etc/localtime "$root/etc/localtime"
+  # and so do its host name, time zone and Wi-Fi network (wpa_supplicant on wlan0 when it appears)
+  "$repo/images/common/device-links" "$root"
   mkdir -p "$root/data"
   # no password anywhere: root stays locked
   chroot "$root" passwd -l root >/dev/null

@@ -30,19 +30,11 @@ IMAGE_LINGUAS = ""
 # Host name, time zone and Wi-Fi network belong to the device, on /data (seeded by
 # powermeter-data-layout.service, set by the first-boot import): links in the read-only root.
 ROOTFS_POSTPROCESS_COMMAND += "powermeter_device_links"
-powermeter_device_links[doc] = "Links /etc/hostname, /etc/localtime and wlan0's wpa_supplicant configuration to /data/etc/, starts wpa_supplicant when wlan0 appears"
+POWERMETER_DEVICE_LINKS = "${@os.path.dirname(d.getVar('POWERMETER_LAYERDIR'))}/images/common/device-links"
+do_rootfs[file-checksums] += "${POWERMETER_DEVICE_LINKS}:True"
+powermeter_device_links[doc] = "Links /etc/hostname, /etc/localtime and wlan0's wpa_supplicant configuration to /data/etc/, starts wpa_supplicant when wlan0 appears (images/common/device-links, the script of every image)"
 powermeter_device_links() {
-    rm -f ${IMAGE_ROOTFS}${sysconfdir}/hostname ${IMAGE_ROOTFS}${sysconfdir}/localtime ${IMAGE_ROOTFS}${sysconfdir}/timezone
-    ln -s /data/etc/hostname ${IMAGE_ROOTFS}${sysconfdir}/hostname
-    ln -s /data/etc/localtime ${IMAGE_ROOTFS}${sysconfdir}/localtime
-    install -d ${IMAGE_ROOTFS}${sysconfdir}/wpa_supplicant
-    ln -sf /data/etc/wpa_supplicant/wpa_supplicant-wlan0.conf ${IMAGE_ROOTFS}${sysconfdir}/wpa_supplicant/wpa_supplicant-wlan0.conf
-    # wpa_supplicant on wlan0 when wlan0 appears (as in the Debian-built images)
-    if [ -e ${IMAGE_ROOTFS}${systemd_system_unitdir}/wpa_supplicant@.service ]; then
-        install -d ${IMAGE_ROOTFS}${systemd_system_unitdir}/sys-subsystem-net-devices-wlan0.device.wants
-        ln -sf ../wpa_supplicant@.service \
-            ${IMAGE_ROOTFS}${systemd_system_unitdir}/sys-subsystem-net-devices-wlan0.device.wants/wpa_supplicant@wlan0.service
-    fi
+    ${POWERMETER_DEVICE_LINKS} ${IMAGE_ROOTFS}
 }
 # meta-rauc's rauc-mark-good marks every boot good at once; powermeter-os-base's
 # powermeter-mark-good does it only when powermeter is ready and healthy.

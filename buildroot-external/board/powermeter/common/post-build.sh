@@ -84,19 +84,9 @@ if [ -f "$target/etc/ssh/sshd_config" ] && ! grep -q '^Include /etc/ssh/sshd_con
   sed -i '1i Include /etc/ssh/sshd_config.d/*.conf' "$target/etc/ssh/sshd_config"
 fi
 rm -f "$target"/etc/ssh/ssh_host_*
-# host name, time zone and Wi-Fi network belong to the device (seeded by
-# powermeter-data-layout.service, set by the first-boot import)
-rm -f "$target/etc/hostname" "$target/etc/localtime" "$target/etc/timezone"
-ln -s /data/etc/hostname "$target/etc/hostname"
-ln -s /data/etc/localtime "$target/etc/localtime"
-mkdir -p "$target/etc/wpa_supplicant"
-ln -sfn /data/etc/wpa_supplicant/wpa_supplicant-wlan0.conf "$target/etc/wpa_supplicant/wpa_supplicant-wlan0.conf"
-# wpa_supplicant on wlan0 when wlan0 appears (as in the Debian-built images)
-if [ -e "$target/usr/lib/systemd/system/wpa_supplicant@.service" ]; then
-  mkdir -p "$target/usr/lib/systemd/system/sys-subsystem-net-devices-wlan0.device.wants"
-  ln -sfn ../wpa_supplicant@.service \
-    "$target/usr/lib/systemd/system/sys-subsystem-net-devices-wlan0.device.wants/wpa_supplicant@wlan0.service"
-fi
+# host name, time zone and Wi-Fi network belong to the device: links into /data/etc/, as in
+# every image
+"$repo/images/common/device-links" "$target"
 
 # SBOM (CycloneDX, Buildroot's own utils/generate-cyclonedx from `make show-info`: every package
 # of the configuration with version, licenses, sources, patches) at the same path as in every
