@@ -123,7 +123,7 @@ impl Saver {
         match result {
             Ok(Ok(pulses)) => {
                 self.saved_pulses.store(pulses, Ordering::Relaxed);
-                self.shared.record_save(Ok(()));
+                self.shared.record_save(Ok(pulses));
                 tracing::debug!(pulses_total = pulses, reason = why, "state saved");
                 true
             }

@@ -294,7 +294,7 @@ mod tests {
         assert_eq!(r.status, 503);
         assert!(r.body.contains("input not armed") && r.body.contains("no state save yet"));
         s.input_armed.store(true, Ordering::Relaxed);
-        s.record_save(Ok(()));
+        s.record_save(Ok(0));
         assert_eq!(health(&s).status, 200);
         s.record_save(Err("disk full".into()));
         let r = health(&s);

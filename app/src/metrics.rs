@@ -62,6 +62,12 @@ pub fn prometheus(r: &Reading, input: &str) -> String {
         &r.state_save_failures.to_string(),
     );
     metric(
+        "powermeter_state_saved_pulses",
+        "gauge",
+        "The pulse count in the newest completed state save (a power cut now restarts from it).",
+        &r.state_saved_pulses.to_string(),
+    );
+    metric(
         "powermeter_input_armed",
         "gauge",
         "1 while the pulse input is open and read.",
@@ -167,6 +173,7 @@ mod tests {
             pulses_per_kwh: 800,
             state_saves: 2,
             state_save_failures: 0,
+            state_saved_pulses: 1200,
             input_armed: true,
             legacy_served: 9,
             http_requests: 4,

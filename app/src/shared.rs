@@ -36,6 +36,8 @@ pub struct SaveStats {
     pub failures: AtomicU64,
     /// Whether the last save attempt succeeded.
     pub last_ok: AtomicBool,
+    /// The pulse count in the newest completed save (what a power cut now would restart from).
+    pub saved_pulses: AtomicU64,
     /// The error of the last failed save, while the last attempt failed.
     pub last_error: Mutex<Option<String>>,
 }
@@ -110,11 +112,12 @@ impl Shared {
             .clone()
     }
 
-    /// Records the outcome of a save.
-    pub fn record_save(&self, result: Result<(), String>) {
+    /// Records the outcome of a save: the pulse count it wrote, or why it failed.
+    pub fn record_save(&self, result: Result<u64, String>) {
         match result {
-            Ok(()) => {
+            Ok(pulses) => {
                 self.saves.saves.fetch_add(1, Ordering::Relaxed);
+                self.saves.saved_pulses.store(pulses, Ordering::Relaxed);
                 self.saves.last_ok.store(true, Ordering::Relaxed);
                 *self
                     .saves
@@ -171,6 +174,7 @@ impl Shared {
             pulses_per_kwh: m.settings().pulses_per_kwh,
             state_saves: self.saves.saves.load(Ordering::Relaxed),
             state_save_failures: self.saves.failures.load(Ordering::Relaxed),
+            state_saved_pulses: self.saves.saved_pulses.load(Ordering::Relaxed),
             input_armed: self.input_armed.load(Ordering::Relaxed),
             legacy_served: self.net.legacy_served.load(Ordering::Relaxed),
             http_requests: self.net.http_requests.load(Ordering::Relaxed),
@@ -205,6 +209,8 @@ pub struct Reading {
     pub state_saves: u64,
     /// Failed saves since start.
     pub state_save_failures: u64,
+    /// The pulse count in the newest completed save.
+    pub state_saved_pulses: u64,
     /// Input armed.
     pub input_armed: bool,
     /// Port-9001 connections answered.

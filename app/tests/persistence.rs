@@ -22,15 +22,35 @@ fn sigterm_saves_and_a_restart_continues() {
     assert!(d.stop().0.success());
 }
 
+/// The gauge `powermeter_state_saved_pulses`: the count of the newest completed save.
+fn saved_gauge(d: &Daemon) -> u64 {
+    let (status, body) = d.get("/metrics");
+    assert_eq!(status, 200, "{body}");
+    body.lines()
+        .find_map(|l| l.strip_prefix("powermeter_state_saved_pulses "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no powermeter_state_saved_pulses in\n{body}"))
+}
+
 #[test]
 fn kill_9_loses_at_most_one_save_interval() {
     let s = Setup::new(FAST_W, 0, 1);
     let d = s.start();
     std::thread::sleep(Duration::from_millis(2500));
+    let reported = saved_gauge(&d);
     let seen = d.count();
     d.signal(libc::SIGKILL);
     let _ = d.wait();
     let saved = s.saved_count().unwrap();
+    // what /metrics reported as saved is on disk: the newest save is never below it
+    assert!(
+        reported > 0,
+        "no save reported after 2.5 s at one save a second"
+    );
+    assert!(
+        saved >= reported,
+        "on disk {saved} < reported as saved {reported}"
+    );
     // One save interval (1 s) is 50 pulses at this load; allow scheduling slack of 20 more.
     assert!(saved <= seen + 1, "saved {saved} > seen {seen}");
     assert!(

@@ -54,6 +54,7 @@ fn http_endpoints() {
         "powermeter_pulses_rejected_total{reason=\"debounce\"} ",
         "powermeter_state_saves_total ",
         "powermeter_state_save_failures_total ",
+        "powermeter_state_saved_pulses ",
         "powermeter_build_info{",
     ] {
         assert!(body.contains(name), "{name} missing in\n{body}");
