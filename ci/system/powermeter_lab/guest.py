@@ -167,10 +167,18 @@ class Guest:
         i6300esb firing, i.e. the emulation, not the appliance, hung. The console up to the
         hang is kept as serial.hang-N.log next to serial.log."""
         old = self.boot_id()
+        start = self.console.mark()
         self.try_sh("systemctl reboot")
+        self.wait_new_boot(old, start, timeout)
+
+    def wait_new_boot(self, old: str, start: int, timeout: float = BOOT_TIMEOUT) -> None:
+        """Wait until SSH answers with a boot id other than `old` after a reset the guest did
+        itself (`systemctl reboot`, an emergency reset, its watchdog); `start`: the console mark
+        from before the reset. A reset that hangs the emulation is power-cycled once (see
+        `reboot`)."""
         self.strategy.disconnect()
         deadline = time.monotonic() + timeout
-        start = seen = self.console.mark()
+        seen = self.console.mark()
         quiet_since, cycled = time.monotonic(), False
         while time.monotonic() < deadline:
             if not self.alive():
@@ -194,9 +202,10 @@ class Guest:
         raise GuestError(f"the guest did not come back within {timeout:.0f} s")
 
     def _hung_before_kernel(self, since: int) -> bool:
-        """The console after `since` shows a reset and no kernel start after it."""
+        """The console after `since` shows a reset (a reboot, or sysrq's emergency reset) and no
+        kernel start after it."""
         text = self.console.since(since)
-        reset = text.rfind("machine restart")
+        reset = max(text.rfind("machine restart"), text.rfind("sysrq: Resetting"))
         return reset >= 0 and "Linux version" not in text[reset:]
 
     def close(self) -> None:

@@ -1,5 +1,5 @@
 SUMMARY = "powermeter-os settings: data partition, overlays, watchdog, journal, mark-good"
-DESCRIPTION = "Grows the data partition at first boot, keeps /var/lib and /var/log on it, arms the hardware watchdog, caps the persistent journal and marks the booted RAUC slot good once powermeter.service is ready and healthy."
+DESCRIPTION = "Checks the data partition at boot (e2fsck settings), grows it at first boot, keeps /var/lib and /var/log on it, arms the hardware watchdog, caps the persistent journal and marks the booted RAUC slot good once powermeter.service is ready and healthy."
 HOMEPAGE = "https://example.invalid/powermeter"
 SECTION = "base"
 LICENSE = "MIT"
@@ -9,6 +9,7 @@ SRC_URI = "\
     file://50-powermeter-journal.conf \
     file://50-powermeter-watchdog.conf \
     file://boot.mount \
+    file://e2fsck.conf \
     file://grow-data \
     file://mark-good \
     file://powermeter-grow-data.service \
@@ -38,12 +39,15 @@ do_install() {
     install -d ${D}${systemd_unitdir}/system.conf.d ${D}${systemd_unitdir}/journald.conf.d
     install -m 0644 ${UNPACKDIR}/50-powermeter-watchdog.conf ${D}${systemd_unitdir}/system.conf.d/
     install -m 0644 ${UNPACKDIR}/50-powermeter-journal.conf ${D}${systemd_unitdir}/journald.conf.d/
+    # the preinit's e2fsck of /data (files/overlayfs-etc-preinit.sh.in): no real-time clock
+    install -D -m 0644 ${UNPACKDIR}/e2fsck.conf ${D}${sysconfdir}/e2fsck.conf
     install -d ${D}/data ${D}/boot
 }
 
 FILES:${PN} += "\
     ${systemd_unitdir}/system.conf.d \
     ${systemd_unitdir}/journald.conf.d \
+    ${sysconfdir}/e2fsck.conf \
     /data \
     /boot \
 "
@@ -51,6 +55,7 @@ FILES:${PN} += "\
 RDEPENDS:${PN} = "\
     bash \
     curl \
+    e2fsprogs-e2fsck \
     e2fsprogs-resize2fs \
     rauc \
     util-linux-partx \
