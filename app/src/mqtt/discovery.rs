@@ -147,7 +147,6 @@ pub fn discovery_payloads(config: &MqttConfig, topics: &Topics) -> Vec<(String, 
             let mut p = json!({
                 "name": name,
                 "unique_id": format!("powermeter_{}_{object}", topics.device_id),
-                "object_id": format!("powermeter_{object}"),
                 "state_topic": topics.state,
                 "value_template": template,
                 "state_class": state_class,
