@@ -469,7 +469,8 @@ fn broker_restart_and_daemon_restart_keep_the_total_monotonic() {
         .filter(|m| state(m))
         .map(|m| (pulses(m), json(m)["energy_kwh"].as_f64().unwrap()))
         .collect();
-    assert!(states.len() >= 4, "{states:?}");
+    // one state at least from each wait: the first, after the broker's and the daemon's restart
+    assert!(states.len() >= 3, "{states:?}");
     for w in states.windows(2) {
         assert!(
             w[1].0 >= w[0].0 && w[1].1 >= w[0].1,
