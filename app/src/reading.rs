@@ -30,14 +30,25 @@ pub async fn serve(
     tick: Duration,
     mut stop: watch::Receiver<bool>,
 ) {
+    // The last accept error, so that a persistent one (EMFILE) is logged once, not 10 times a second.
+    let mut last_error: Option<String> = None;
     loop {
         beat.beat();
         let stream = tokio::select! {
             r = listener.accept() => match r {
-                Ok((s, _)) => s,
+                Ok((s, _)) => {
+                    last_error = None;
+                    s
+                }
                 Err(e) => {
                     // EMFILE and friends: wait a little instead of spinning.
-                    tracing::warn!(error = %e, "reading socket: accept failed");
+                    let problem = e.to_string();
+                    if last_error.as_deref() != Some(problem.as_str()) {
+                        tracing::warn!(error = %problem, "reading socket: accept failed");
+                    } else {
+                        tracing::debug!(error = %problem, "reading socket: accept failed again");
+                    }
+                    last_error = Some(problem);
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
                 }
