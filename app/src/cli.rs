@@ -32,6 +32,11 @@ pub enum Command {
         /// How long to watch, in seconds.
         seconds: f64,
     },
+    /// Run the MQTT publisher (`[mqtt]`), a separate process from the counting daemon.
+    Mqtt {
+        /// The configuration file.
+        config: PathBuf,
+    },
     /// Print the version.
     Version,
     /// Print the usage.
@@ -48,6 +53,8 @@ usage: powermeterd [--config FILE]                 run the daemon
        powermeterd --watch-input SECONDS [--config FILE]
                                                    print every edge of the input for SECONDS,
                                                    then a summary (stop the daemon first)
+       powermeterd --mqtt [--config FILE]         run the MQTT publisher ([mqtt]); it reads
+                                                   the daemon's local reading socket
        powermeterd --version
 default config: /etc/powermeter/powermeter.toml";
 
@@ -59,12 +66,14 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, String>
     let mut help = false;
     let mut reading = None;
     let mut watch = None;
+    let mut mqtt = false;
     let mut args = args.into_iter();
     while let Some(arg) = args.next() {
         let mut value = |name: &str| args.next().ok_or_else(|| format!("{name} needs a value"));
         match arg.as_str() {
             "--config" | "-c" => config = Some(PathBuf::from(value("--config")?)),
             "--check-config" => check = true,
+            "--mqtt" => mqtt = true,
             "--version" | "-V" => version = true,
             "--help" | "-h" => help = true,
             "--set-reading" => {
@@ -97,7 +106,11 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, String>
     if watch.is_some() && (check || reading.is_some()) {
         return Err("--watch-input excludes --check-config and --set-reading".into());
     }
+    if mqtt && (check || reading.is_some() || watch.is_some()) {
+        return Err("--mqtt excludes --check-config, --set-reading and --watch-input".into());
+    }
     Ok(match (help, version, check, reading) {
+        (false, false, ..) if mqtt => Command::Mqtt { config },
         (true, ..) => Command::Help,
         (_, true, ..) => Command::Version,
         _ if watch.is_some() => Command::WatchInput {
@@ -147,6 +160,10 @@ mod tests {
         );
         assert_eq!(p(&["--version"]), Ok(Command::Version));
         assert_eq!(
+            p(&["--mqtt", "-c", "m"]),
+            Ok(Command::Mqtt { config: "m".into() })
+        );
+        assert_eq!(
             p(&["--watch-input", "30", "-c", "x"]),
             Ok(Command::WatchInput {
                 config: "x".into(),
@@ -176,5 +193,6 @@ mod tests {
         assert!(p(&["--watch-input", "0"]).is_err());
         assert!(p(&["--watch-input", "x"]).is_err());
         assert!(p(&["--watch-input", "5", "--check-config"]).is_err());
+        assert!(p(&["--mqtt", "--check-config"]).is_err());
     }
 }

@@ -11,6 +11,7 @@ use toml::Spanned;
 use toml::de::{DeTable, DeValue};
 
 use crate::meter::MeterSettings;
+use crate::mqtt::config::MqttConfig;
 
 /// Where the daemon looks for its configuration when `--config` is not given.
 pub const DEFAULT_PATH: &str = "/etc/powermeter/powermeter.toml";
@@ -33,6 +34,9 @@ pub struct Config {
     /// `[state]`: persistence of the counter.
     #[serde(default)]
     pub state: StateConfig,
+    /// `[mqtt]`: the MQTT publisher (`powermeterd --mqtt`), off unless `broker` is set.
+    #[serde(default)]
+    pub mqtt: MqttConfig,
 }
 
 /// `[meter]`
@@ -344,7 +348,7 @@ fn validate(c: &Config) -> Result<(), (String, String)> {
             ));
         }
     }
-    Ok(())
+    crate::mqtt::config::validate(&c.mqtt)
 }
 
 fn located(
@@ -483,9 +487,52 @@ mod tests {
 
     #[test]
     fn unknown_table_is_an_error() {
-        let e = err("[meter]\npulses_per_kwh = 800\n[mqtt]\nhost = \"x\"\n");
-        assert_eq!(e.key, "mqtt");
+        let e = err("[meter]\npulses_per_kwh = 800\n[mqttt]\nbroker = \"x\"\n");
+        assert_eq!(e.key, "mqttt");
         assert_eq!(e.line, 3);
+        let e = err("[meter]\npulses_per_kwh = 800\n[mqtt]\nhost = \"x\"\n");
+        assert_eq!((e.line, e.key.as_str()), (4, "mqtt.host"), "{e}");
+    }
+
+    #[test]
+    fn mqtt_is_off_by_default_and_checked() {
+        let base = "[meter]\npulses_per_kwh = 800\n";
+        let c = parse(Path::new("x"), base).unwrap();
+        assert_eq!(c.mqtt.broker, None);
+        assert_eq!(c.mqtt.port(), 1883);
+        let c = parse(
+            Path::new("x"),
+            &format!("{base}[mqtt]\nbroker = \"b\"\ntls = true\nca_file = \"/c.pem\"\n"),
+        )
+        .unwrap();
+        assert_eq!(c.mqtt.port(), 8883);
+        for (extra, key) in [
+            ("broker = \"\"\n", "mqtt.broker"),
+            ("broker = \"mqtt://x\"\n", "mqtt.broker"),
+            ("port = 0\n", "mqtt.port"),
+            ("port = 70000\n", "mqtt.port"),
+            ("qos = 3\n", "mqtt.qos"),
+            ("publish_interval_s = 0\n", "mqtt.publish_interval_s"),
+            ("password = \"p\"\n", "mqtt.password"),
+            (
+                "username = \"u\"\npassword = \"p\"\npassword_file = \"/f\"\n",
+                "mqtt.password_file",
+            ),
+            ("tls = true\n", "mqtt.tls"),
+            ("ca_file = \"/c.pem\"\n", "mqtt.ca_file"),
+            ("topic_prefix = \"a/#\"\n", "mqtt.topic_prefix"),
+            ("discovery_prefix = \"\"\n", "mqtt.discovery_prefix"),
+            ("device_id = \"a b\"\n", "mqtt.device_id"),
+            (
+                "configuration_url = \"pm.local\"\n",
+                "mqtt.configuration_url",
+            ),
+            ("keep_alive_s = 1\n", "mqtt.keep_alive_s"),
+        ] {
+            let e = err(&format!("{base}[mqtt]\n{extra}"));
+            assert_eq!(e.key, key, "{e}");
+            assert!(e.line >= 4, "{e}");
+        }
     }
 
     #[test]

@@ -20,7 +20,7 @@ use crate::meter::Meter;
 use crate::shared::{Beat, Shared};
 use crate::state::{Snapshot, Store};
 use crate::systemd::{self, PassedSockets};
-use crate::{http, legacy};
+use crate::{http, legacy, reading};
 
 /// Environment variable for fault injection in tests: `stall-input-after=SECONDS` makes the
 /// simulated input task stop making progress after that many seconds (the process stays up),
@@ -219,6 +219,15 @@ async fn run_async(opts: Options) -> Result<()> {
     // Listeners: passed by systemd, else bound from the configuration.
     let legacy = listeners("legacy", passed.legacy, &config.legacy.listen).await?;
     let http = listeners("http", passed.http, &config.http.listen).await?;
+    // The local reading socket for the MQTT publisher: only when systemd passes it.
+    let readers = passed
+        .reading
+        .into_iter()
+        .map(reading::adopt)
+        .collect::<Result<Vec<_>>>()?;
+    if !readers.is_empty() {
+        tracing::info!(listener = "reading", "using socket passed by systemd");
+    }
 
     // A first save proves the state directory is writable before we report ready.
     if !saver.save("start").await {
@@ -261,6 +270,17 @@ async fn run_async(opts: Options) -> Result<()> {
             l,
             shared.clone(),
             input_kind,
+            beat,
+            tick,
+            stop_rx.clone(),
+        ));
+    }
+    for (i, l) in readers.into_iter().enumerate() {
+        let beat = Arc::new(Beat::default());
+        beats.push((format!("reading socket {i}"), beat.clone()));
+        tasks.spawn(reading::serve(
+            l,
+            shared.clone(),
             beat,
             tick,
             stop_rx.clone(),

@@ -15,6 +15,8 @@ pub mod legacy;
 pub mod logging;
 pub mod meter;
 pub mod metrics;
+pub mod mqtt;
+pub mod reading;
 pub mod shared;
 pub mod state;
 pub mod systemd;

@@ -63,6 +63,40 @@ fn main() -> ExitCode {
             }
         }
         Command::Run { config } => run(config),
+        Command::Mqtt { config } => run_mqtt(config),
+    }
+}
+
+/// The MQTT publisher. No broker configured: one log line and exit 0, so the unit (which
+/// ships disabled) never crash-loops when it is enabled without `[mqtt] broker`. A password
+/// file, CA file or machine id that cannot be used is a configuration error (78).
+fn run_mqtt(config_path: std::path::PathBuf) -> ExitCode {
+    let config = match config::load(&config_path) {
+        Ok(c) => c,
+        Err(e) => return config_error(&e),
+    };
+    logging::init();
+    let prepared = match powermeterd::mqtt::publisher::prepare(&config.mqtt) {
+        Ok(Some(p)) => p,
+        Ok(None) => {
+            tracing::info!(
+                config = %config_path.display(),
+                "MQTT is off: no [mqtt] broker in the configuration; the publisher exits"
+            );
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            tracing::error!(error = format!("{e:#}"), "MQTT configuration unusable");
+            eprintln!(
+                "powermeterd: configuration error: {}: {e:#}",
+                config_path.display()
+            );
+            return ExitCode::from(EX_CONFIG);
+        }
+    };
+    match powermeterd::mqtt::publisher::run(prepared) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fatal(&e),
     }
 }
 

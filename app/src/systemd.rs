@@ -5,6 +5,7 @@
 
 use std::net::TcpListener;
 use std::os::fd::{FromRawFd, RawFd};
+use std::os::unix::net::UnixListener;
 use std::time::Duration;
 
 use sd_notify::NotifyState;
@@ -13,6 +14,9 @@ use sd_notify::NotifyState;
 pub const FD_LEGACY: &str = "legacy";
 /// File descriptor name of the HTTP socket (`FileDescriptorName=http`).
 pub const FD_HTTP: &str = "http";
+/// File descriptor name of the local reading socket (`FileDescriptorName=reading`), an
+/// `AF_UNIX` stream socket the MQTT publisher reads the figures from.
+pub const FD_READING: &str = "reading";
 
 /// Listening sockets handed over by systemd, sorted by their names.
 #[derive(Debug, Default)]
@@ -21,6 +25,8 @@ pub struct PassedSockets {
     pub legacy: Vec<TcpListener>,
     /// Sockets named `http`.
     pub http: Vec<TcpListener>,
+    /// Sockets named `reading` (`AF_UNIX`).
+    pub reading: Vec<UnixListener>,
 }
 
 /// An unusable passed socket.
@@ -29,9 +35,11 @@ pub enum SocketError {
     /// The environment is malformed.
     #[error("socket activation: {0}")]
     Env(std::io::Error),
-    /// A passed fd is not a listening TCP socket.
-    #[error("socket activation: fd {fd} ({name}) is not a listening TCP stream socket")]
+    /// A passed fd is not a listening stream socket of the family its name wants.
+    #[error("socket activation: fd {fd} ({name}) is not a listening {kind} stream socket")]
     NotListening {
+        /// `TCP`, or `AF_UNIX` for the reading socket.
+        kind: &'static str,
         /// The fd.
         fd: RawFd,
         /// Its name.
@@ -50,8 +58,17 @@ pub unsafe fn take_passed_sockets() -> Result<PassedSockets, SocketError> {
         unsafe { sd_notify::listen_fds_with_names_and_unset_env() }.map_err(SocketError::Env)?;
     let mut passed = PassedSockets::default();
     for (fd, name) in fds {
-        if !is_listening_tcp(fd) {
-            return Err(SocketError::NotListening { fd, name });
+        let unix = name == FD_READING;
+        if !is_listening_stream(fd, unix) {
+            let kind = if unix { "AF_UNIX" } else { "TCP" };
+            return Err(SocketError::NotListening { kind, fd, name });
+        }
+        if unix {
+            // SAFETY: systemd passed us this fd and nothing else owns it.
+            passed
+                .reading
+                .push(unsafe { UnixListener::from_raw_fd(fd) });
+            continue;
         }
         // SAFETY: systemd passed us this fd and nothing else owns it.
         let listener = unsafe { TcpListener::from_raw_fd(fd) };
@@ -66,7 +83,8 @@ pub unsafe fn take_passed_sockets() -> Result<PassedSockets, SocketError> {
     Ok(passed)
 }
 
-fn is_listening_tcp(fd: RawFd) -> bool {
+/// A listening stream socket: `AF_UNIX` when `unix`, else TCP (`AF_INET`/`AF_INET6`).
+fn is_listening_stream(fd: RawFd, unix: bool) -> bool {
     let get = |opt| {
         let mut v: libc::c_int = 0;
         let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
@@ -82,7 +100,14 @@ fn is_listening_tcp(fd: RawFd) -> bool {
         };
         (rc == 0).then_some(v)
     };
-    get(libc::SO_TYPE) == Some(libc::SOCK_STREAM) && get(libc::SO_ACCEPTCONN) == Some(1)
+    let family_ok = match get(libc::SO_DOMAIN) {
+        Some(libc::AF_UNIX) => unix,
+        Some(libc::AF_INET | libc::AF_INET6) => !unix,
+        _ => false,
+    };
+    family_ok
+        && get(libc::SO_TYPE) == Some(libc::SOCK_STREAM)
+        && get(libc::SO_ACCEPTCONN) == Some(1)
 }
 
 /// The watchdog interval systemd asks for (`WATCHDOG_USEC`), if any.

@@ -35,7 +35,12 @@ fn each_error_names_file_line_column_and_key() {
             ":3:1:",
             "meter.colour",
         ),
-        ("[meter]\npulses_per_kwh = 800\n[mqtt]\n", ":3:", "mqtt"),
+        (
+            "[meter]\npulses_per_kwh = 800\n[mqtt]\nport = 0\n",
+            ":4:8:",
+            "mqtt.port",
+        ),
+        ("[meter]\npulses_per_kwh = 800\n[mqttt]\n", ":3:", "mqttt"),
         (
             "[meter]\npulses_per_kwh = \"800\"\n",
             ":2:18:",

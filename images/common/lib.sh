@@ -59,7 +59,8 @@ image_install_app() {
   rm -f "$root/etc/os-release"; ln -s ../usr/lib/os-release "$root/etc/os-release"
 
   chroot "$root" systemd-sysusers
-  chroot "$root" systemctl enable powermeter.service powermeter-data-layout.service powermeter-machine-id-commit.service \
+  # powermeter-mqtt.service idles (exits 0) until [mqtt] broker is configured
+  chroot "$root" systemctl enable powermeter.service powermeter-mqtt.service powermeter-data-layout.service powermeter-machine-id-commit.service \
     powermeter-grow-data.service powermeter-provision.service systemd-networkd.service ssh.service
   if [ -e "$root/usr/lib/systemd/system/systemd-timesyncd.service" ]; then
     chroot "$root" systemctl enable systemd-timesyncd.service

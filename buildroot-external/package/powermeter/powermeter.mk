@@ -86,6 +86,10 @@ define POWERMETER_INSTALL_INIT_SYSTEMD
 		$(TARGET_DIR)/usr/lib/systemd/system/powermeter.socket
 	$(INSTALL) -D -m 0644 $(@D)/app/systemd/powermeter-http.socket \
 		$(TARGET_DIR)/usr/lib/systemd/system/powermeter-http.socket
+	$(INSTALL) -D -m 0644 $(@D)/app/systemd/powermeter-reading.socket \
+		$(TARGET_DIR)/usr/lib/systemd/system/powermeter-reading.socket
+	$(INSTALL) -D -m 0644 $(@D)/app/systemd/powermeter-mqtt.service \
+		$(TARGET_DIR)/usr/lib/systemd/system/powermeter-mqtt.service
 endef
 
 # The root file system is read-only: the group of the GPIO devices

@@ -8,6 +8,7 @@ a time zone, an owner's SSH key (not the harness's) and a Wi-Fi file (a secret).
 s), provision-wifi ~20 s (simulated radios), provision-ignored-later ~110 s (one reboot),
 provision-survives-update ~230 s (an install of the built bundle, two reboots), clock-step
 ~10 s (the wall clock stepped back and forward), config-change ~15 s (powermeter-config),
+mqtt-home-assistant ~10 s (a broker on the host, the publisher configured and undone; 8 s measured),
 provision-bad-input ~90 s after a boot of a
 guest of its own (~100 s), booted once the group's guest is off.
 """
@@ -24,6 +25,7 @@ import pytest
 from powermeter_lab import bundles
 from powermeter_lab.guest import BOOT_TIMEOUT, Guest, wait_until
 from powermeter_lab.layout import qemu_build
+from powermeter_lab.mqtt import Broker, Subscriber
 from powermeter_lab.ota import other
 
 pytestmark = [pytest.mark.xdist_group("guest-p"), pytest.mark.qemu_x86]
@@ -272,6 +274,48 @@ def test_config_change(guest):
     guest.sh("powermeter-config undo")
     assert guest.sh(f"sha256sum < {conf}") == before, "undo did not put the previous file back"
     assert reading(guest)["pulses_per_kwh"] == 1000, "the daemon does not run with the previous file after undo"
+
+
+def test_mqtt_home_assistant(guest):
+    """The MQTT publisher in the booted appliance: idle without [mqtt]; configured with
+    powermeter-config (a broker on the host, the password in the file the provisioning writes),
+    it publishes Home Assistant discovery, retained state and availability, from its own unit
+    while the counter keeps its no-network sandbox; undo makes it idle again."""
+    assert guest.sh("systemctl is-enabled powermeter-mqtt.service") == "enabled", "the publisher is not enabled"
+    idle = guest.sh("systemctl show -P ActiveState,Result powermeter-mqtt.service | tr '\\n' ' '").split()
+    assert sorted(idle) == ["inactive", "success"], \
+        f"unconfigured publisher: {idle}: {guest.sh('systemctl status powermeter-mqtt --no-pager || true')}"
+    ppk = reading(guest)["pulses_per_kwh"]
+    broker = Broker()
+    try:
+        sub = Subscriber(broker, ["powermeter/systest/#", "homeassistant/#"])
+        guest.sh(f"umask 077; printf '%s\\n' '{broker.password}' > /data/etc/powermeter/mqtt-password")
+        conf = guest.sh("cat /data/etc/powermeter/powermeter.toml")
+        mqtt = (f"[mqtt]\nbroker = \"{guest.host_address}\"\nport = {broker.port}\nusername = \"{broker.user}\"\n"
+                "password_file = \"/data/etc/powermeter/mqtt-password\"\ndevice_id = \"systest\"\n"
+                "publish_interval_s = 2\n")
+        guest.sh(f"cat > /run/mqtt.toml <<'EOF'\n{conf}\n{mqtt}EOF\npowermeter-config set /run/mqtt.toml")
+        topic = "homeassistant/sensor/powermeter_systest/energy/config"
+        _, doc, _ = sub.wait_for("energy discovery", lambda t, p, r: t == topic, 120)
+        energy = json.loads(doc)
+        assert (energy["device_class"], energy["state_class"], energy["unit_of_measurement"]) == (
+            "energy", "total_increasing", "kWh"), f"energy discovery: {doc}"
+        sub.wait_for("availability online", lambda t, p, r: t == "powermeter/systest/availability" and p == "online")
+        # right after the restart the state carries the restored count, power 0 and no last pulse yet
+        _, state, _ = sub.wait_for("a state with pulses, power and the last pulse time",
+                                   lambda t, p, r: t == "powermeter/systest/state" and json.loads(p)["pulses_total"] > 0
+                                   and json.loads(p)["power_w"] > 0 and json.loads(p)["last_pulse"])
+        assert json.loads(state)["last_pulse"].endswith("Z"), f"state: {state}"
+        assert guest.sh("systemctl show -P PrivateNetwork powermeter.service") == "yes", "the counter got network"
+        uid = guest.sh("stat -c %u /proc/$(systemctl show -P MainPID powermeter-mqtt.service)")
+        assert uid != "0", "the publisher runs as root"
+        sub.close()
+    finally:
+        broker.stop()
+        guest.try_sh("powermeter-config undo; rm -f /data/etc/powermeter/mqtt-password")
+    wait_until(lambda: guest.try_sh("systemctl show -P ActiveState powermeter-mqtt.service") == "inactive", 60,
+               every=2)
+    assert reading(guest)["pulses_per_kwh"] == ppk, "undo did not restore the previous configuration"
 
 
 def test_provision_bad_input(guests, new_guest):

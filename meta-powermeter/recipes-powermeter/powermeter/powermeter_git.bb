@@ -56,7 +56,8 @@ GROUPADD_PARAM:${PN} = "--system gpio"
 PACKAGES =+ "${PN}-provision"
 
 SYSTEMD_PACKAGES = "${PN} ${PN}-provision"
-SYSTEMD_SERVICE:${PN} = "powermeter.socket powermeter-http.socket powermeter.service powermeter-data-layout.service"
+# powermeter-mqtt.service idles (exits 0) until [mqtt] broker is configured.
+SYSTEMD_SERVICE:${PN} = "powermeter.socket powermeter-http.socket powermeter-reading.socket powermeter.service powermeter-mqtt.service powermeter-data-layout.service"
 SYSTEMD_SERVICE:${PN}-provision = "powermeter-provision.service"
 SYSTEMD_AUTO_ENABLE:${PN} = "enable"
 SYSTEMD_AUTO_ENABLE:${PN}-provision = "enable"
