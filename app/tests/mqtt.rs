@@ -368,8 +368,11 @@ fn plain_broker_discovery_state_birth_and_last_will() {
     sub.wait_for("online", t, &mut seen, |m| {
         m.topic == "pm/t1/availability" && m.payload == "online"
     });
-    let st = sub.wait_for("a state with pulses", t, &mut seen, |m| {
-        m.topic == "pm/t1/state" && json(m)["pulses_total"].as_u64().unwrap_or(0) > 0
+    // (power needs two pulses: the first state may hold one, with power 0, under qemu-user)
+    let st = sub.wait_for("a state with pulses and power", t, &mut seen, |m| {
+        m.topic == "pm/t1/state"
+            && json(m)["pulses_total"].as_u64().unwrap_or(0) > 0
+            && json(m)["power_w"].as_f64().unwrap_or(0.0) > 0.0
     });
     let v = json(&st);
     assert!(v["energy_kwh"].as_f64().unwrap() > 0.0, "{v}");
