@@ -570,18 +570,24 @@ fn need_openssl(test: &str) -> bool {
     ok
 }
 
-#[test]
-fn tls_with_password_file_publishes() {
-    let test = "tls_with_password_file_publishes";
-    let Some(bin) = need_mosquitto(test) else {
-        return;
-    };
+/// A setup with a broker that also listens with TLS, its certificate signed by a new CA
+/// (returned); `None`, after a SKIP line, without mosquitto or openssl.
+fn tls_setup(test: &str) -> Option<(Setup, Broker, PathBuf)> {
+    let bin = need_mosquitto(test)?;
     if !need_openssl(test) {
-        return;
+        return None;
     }
     let s = Setup::new(WATTS, 0, 3600);
     let (ca, cert, key) = make_ca(s.dir.path(), "good");
     let broker = Broker::start(bin, s.dir.path(), true, Some((ca.clone(), cert, key)));
+    Some((s, broker, ca))
+}
+
+#[test]
+fn tls_with_password_file_publishes() {
+    let Some((s, broker, ca)) = tls_setup("tls_with_password_file_publishes") else {
+        return;
+    };
     let pw = s.dir.path().join("mqtt-password");
     std::fs::write(&pw, format!("{PASSWORD}\n")).unwrap();
     add_mqtt(
@@ -615,16 +621,10 @@ fn tls_with_password_file_publishes() {
 #[test]
 fn bad_credentials_or_untrusted_certificate_log_once_and_retry() {
     let test = "bad_credentials_or_untrusted_certificate_log_once_and_retry";
-    let Some(bin) = need_mosquitto(test) else {
+    let Some((s, broker, _ca)) = tls_setup(test) else {
         return;
     };
-    if !need_openssl(test) {
-        return;
-    }
-    let s = Setup::new(WATTS, 0, 3600);
-    let (ca, cert, key) = make_ca(s.dir.path(), "good");
     let (other_ca, _, _) = make_ca(s.dir.path(), "other");
-    let broker = Broker::start(bin, s.dir.path(), true, Some((ca, cert, key)));
     let base = std::fs::read_to_string(s.config()).unwrap();
     for (what, mqtt, expect) in [
         (
