@@ -3,7 +3,11 @@
 //! - port-9001 queries/s and latency percentiles with 32 concurrent clients on loopback,
 //! - HTTP `GET /metrics` requests/s and latency percentiles with as many clients,
 //! - RSS of the daemon idle and under each load, CPU use while idle,
-//! - CPU time of the daemon per 1 million simulated pulses, and of the counting core alone.
+//! - CPU time of the daemon per 1 million simulated pulses, and of the counting core alone,
+//! - with Debian's `mosquitto` installed: the MQTT publisher (`powermeter-mqtt`) publishing
+//!   every second to a local broker for `BENCH_PUBLISHER_SECONDS` (default 30; 0 skips it;
+//!   `BENCH_PUBLISHER` runs another publisher binary): its RSS,
+//!   threads and CPU, and the daemon's RSS beside it (the daemon then serves the reading socket).
 //!
 //! Environment: `BENCH_SECONDS` (load duration, default 5), `BENCH_CLIENTS` (default 32),
 //! `BENCH_CLIENT_MODE` (`tasks`, default: tokio tasks on `BENCH_CLIENT_THREADS` threads,
@@ -20,6 +24,7 @@ use std::time::{Duration, Instant};
 use powermeterd::meter::{EnergyRegister, Meter, MeterSettings};
 
 const BIN: &str = env!("CARGO_BIN_EXE_powermeterd");
+const PUBLISHER: &str = env!("CARGO_BIN_EXE_powermeter-mqtt");
 
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -38,6 +43,12 @@ struct Daemon {
 
 impl Daemon {
     fn start(watts: f64, debounce_ms: u64) -> Self {
+        Self::start_with(watts, debounce_ms, "")
+    }
+
+    /// `extra` is appended to the configuration. With a `reading.sock` in `dir` bound, the
+    /// daemon gets it as systemd passes it (fd 3, `LISTEN_FDNAMES=reading`).
+    fn start_with(watts: f64, debounce_ms: u64, extra: &str) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let http = free_port();
@@ -47,29 +58,51 @@ impl Daemon {
             format!(
                 "[meter]\npulses_per_kwh = 800\n[input]\nsource = \"sim\"\ndebounce_ms = {debounce_ms}\n\
                  [input.sim]\nwatts = {watts:?}\n[legacy]\nlisten = [\"127.0.0.1:{port}\"]\n\
-                 [http]\nlisten = [\"127.0.0.1:{http}\"]\n[state]\ndir = \"{}\"\nsave_interval_s = 60\n",
-                dir.path().join("state").display()
+                 [http]\nlisten = [\"127.0.0.1:{http}\"]\n[state]\ndir = \"{}\"\nsave_interval_s = 60\n\
+                 {}",
+                dir.path().join("state").display(),
+                extra.replace("DIR", &dir.path().display().to_string())
             ),
         )
         .unwrap();
         let daemon = std::env::var("BENCH_DAEMON").unwrap_or_else(|_| BIN.into());
         let runner = std::env::var("BENCH_RUNNER").unwrap_or_default();
-        let mut words = runner.split_whitespace();
-        let mut cmd = match words.next() {
-            Some(program) => {
-                let mut c = Command::new(program);
-                c.args(words).arg(&daemon);
-                c
-            }
-            None => Command::new(&daemon),
-        };
-        let child = cmd
-            .arg("--config")
+        let reading = extra.contains("reading_socket").then(|| {
+            std::os::unix::net::UnixListener::bind(dir.path().join("reading.sock")).unwrap()
+        });
+        let mut cmd = Command::new("sh");
+        // LISTEN_PID must be the daemon's own pid: the shell's, which exec keeps.
+        cmd.arg("-c")
+            .arg("[ -n \"$LISTEN_FDS\" ] && export LISTEN_PID=$$; exec $BENCH_RUNNER \"$0\" --config \"$1\"")
+            .arg(&daemon)
             .arg(&config)
+            .env("BENCH_RUNNER", runner)
             .env("POWERMETERD_LOG", "warn")
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
+            .env_remove("LISTEN_FDS")
+            .env_remove("NOTIFY_SOCKET")
+            .stderr(Stdio::null());
+        if let Some(listener) = &reading {
+            use std::os::fd::AsRawFd;
+            use std::os::unix::process::CommandExt;
+            let fd = listener.as_raw_fd();
+            cmd.env("LISTEN_FDS", "1").env("LISTEN_FDNAMES", "reading");
+            // SAFETY: only async-signal-safe calls (dup2, fcntl) between fork and exec.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let ok = if fd == 3 {
+                        libc::fcntl(3, libc::F_SETFD, 0) == 0
+                    } else {
+                        libc::dup2(fd, 3) == 3
+                    };
+                    if ok {
+                        Ok(())
+                    } else {
+                        Err(std::io::Error::last_os_error())
+                    }
+                });
+            }
+        }
+        let child = cmd.spawn().unwrap();
         let deadline = Instant::now() + Duration::from_secs(30);
         while TcpStream::connect(("127.0.0.1", port)).is_err()
             || TcpStream::connect(("127.0.0.1", http)).is_err()
@@ -86,21 +119,12 @@ impl Daemon {
     }
 
     fn status_kib(&self, field: &str) -> u64 {
-        let s = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
-        s.lines()
-            .find_map(|l| l.strip_prefix(field))
-            .and_then(|v| v.trim().trim_end_matches(" kB").parse().ok())
-            .unwrap_or(0)
+        status_kib(self.child.id(), field)
     }
 
     /// utime + stime in seconds.
     fn cpu_s(&self) -> f64 {
-        let s = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap();
-        let after = &s[s.rfind(')').unwrap() + 2..];
-        let f: Vec<&str> = after.split(' ').collect();
-        let ticks: f64 = f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap();
-        // SAFETY: sysconf is always safe to call.
-        ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+        cpu_s(self.child.id())
     }
 
     fn count(&self) -> u64 {
@@ -116,6 +140,127 @@ impl Drop for Daemon {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// A `/proc/PID/status` field in KiB (or a count, e.g. `Threads:`).
+fn status_kib(pid: u32, field: &str) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    s.lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.trim().trim_end_matches(" kB").parse().ok())
+        .unwrap_or(0)
+}
+
+/// utime + stime of PID in seconds.
+fn cpu_s(pid: u32) -> f64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let after = &s[s.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = after.split(' ').collect();
+    let ticks: f64 = f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap();
+    // SAFETY: sysconf is always safe to call.
+    ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+}
+
+/// Debian's mosquitto, if installed.
+fn mosquitto() -> Option<std::path::PathBuf> {
+    std::iter::once(std::path::PathBuf::from("/usr/sbin"))
+        .chain(std::env::split_paths(
+            &std::env::var_os("PATH").unwrap_or_default(),
+        ))
+        .map(|d| d.join("mosquitto"))
+        .find(|p| p.is_file())
+}
+
+/// The publisher phase: a broker on loopback, the daemon with its reading socket, and
+/// `powermeter-mqtt` publishing every second. Prints the figures, or why it was skipped.
+fn publisher_phase(seconds: u64) {
+    if seconds == 0 {
+        println!("MQTT publisher: skipped (BENCH_PUBLISHER_SECONDS=0)");
+        return;
+    }
+    let Some(broker_bin) = mosquitto() else {
+        println!("MQTT publisher: skipped (no mosquitto; ci/setup installs it)");
+        return;
+    };
+    let broker_dir = tempfile::tempdir().unwrap();
+    let broker_port = free_port();
+    let conf = broker_dir.path().join("mosquitto.conf");
+    // as root, mosquitto would switch to its own user, which cannot read the temp dir
+    // SAFETY: geteuid has no preconditions.
+    let user = if unsafe { libc::geteuid() } == 0 {
+        "user root\n"
+    } else {
+        ""
+    };
+    std::fs::write(
+        &conf,
+        format!(
+            "persistence false\nallow_anonymous true\nlistener {broker_port} 127.0.0.1\n{user}"
+        ),
+    )
+    .unwrap();
+    let mut broker = Command::new(broker_bin)
+        .arg("-c")
+        .arg(&conf)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect(("127.0.0.1", broker_port)).is_err() {
+        assert!(Instant::now() < deadline, "mosquitto did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let d = Daemon::start_with(
+        1500.0,
+        20,
+        &format!(
+            "[mqtt]\nbroker = \"127.0.0.1\"\nport = {broker_port}\ndevice_id = \"bench\"\n\
+             publish_interval_s = 1\nreading_socket = \"DIR/reading.sock\"\n"
+        ),
+    );
+    let config = d._dir.path().join("c.toml");
+    let mut publisher =
+        Command::new(std::env::var("BENCH_PUBLISHER").unwrap_or_else(|_| PUBLISHER.into()))
+            .arg("--config")
+            .arg(&config)
+            .env("POWERMETERD_LOG", "warn")
+            .env_remove("NOTIFY_SOCKET")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+    let pid = publisher.id();
+    std::thread::sleep(Duration::from_secs(2));
+    let cpu0 = cpu_s(pid);
+    std::thread::sleep(Duration::from_secs(seconds));
+    let alive = publisher.try_wait().unwrap().is_none();
+    if alive {
+        let cpu = (cpu_s(pid) - cpu0) / seconds as f64 * 100.0;
+        println!(
+            "MQTT publisher ({}s, publishing every 1 s to a local mosquitto): RSS {} KiB \
+             (anonymous {} KiB, file-backed {} KiB), {} thread(s), CPU {cpu:.2} % of one core",
+            seconds + 2,
+            status_kib(pid, "VmRSS:"),
+            status_kib(pid, "RssAnon:"),
+            status_kib(pid, "RssFile:"),
+            status_kib(pid, "Threads:"),
+        );
+        println!(
+            "  daemon beside it (serving the reading socket): RSS {} KiB (anonymous {} KiB, \
+             file-backed {} KiB)",
+            d.status_kib("VmRSS:"),
+            d.status_kib("RssAnon:"),
+            d.status_kib("RssFile:"),
+        );
+    } else {
+        println!("MQTT publisher: exited early ({:?})", publisher.wait());
+    }
+    let _ = publisher.kill();
+    let _ = publisher.wait();
+    drop(d);
+    let _ = broker.kill();
+    let _ = broker.wait();
 }
 
 fn env_num(name: &str, default: u64) -> u64 {
@@ -369,4 +514,5 @@ fn main() {
         p1 - p0
     );
     println!("counting core alone: {core_ms:.1} ms per 1M edges");
+    publisher_phase(env_num("BENCH_PUBLISHER_SECONDS", 30));
 }

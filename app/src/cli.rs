@@ -1,5 +1,6 @@
-//! The command line: `powermeterd [--config FILE]`, `--check-config`, `--version`,
-//! `--set-reading KWH`, `--watch-input SECONDS`.
+//! The command lines: `powermeterd [--config FILE]`, `--check-config`, `--version`,
+//! `--set-reading KWH`, `--watch-input SECONDS`; and the MQTT publisher's,
+//! `powermeter-mqtt [--config FILE]`, `--version`.
 
 use std::path::PathBuf;
 
@@ -32,11 +33,6 @@ pub enum Command {
         /// How long to watch, in seconds.
         seconds: f64,
     },
-    /// Run the MQTT publisher (`[mqtt]`), a separate process from the counting daemon.
-    Mqtt {
-        /// The configuration file.
-        config: PathBuf,
-    },
     /// Print the version.
     Version,
     /// Print the usage.
@@ -53,8 +49,6 @@ usage: powermeterd [--config FILE]                 run the daemon
        powermeterd --watch-input SECONDS [--config FILE]
                                                    print every edge of the input for SECONDS,
                                                    then a summary (stop the daemon first)
-       powermeterd --mqtt [--config FILE]         run the MQTT publisher ([mqtt]); it reads
-                                                   the daemon's local reading socket
        powermeterd --version
 default config: /etc/powermeter/powermeter.toml";
 
@@ -66,14 +60,12 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, String>
     let mut help = false;
     let mut reading = None;
     let mut watch = None;
-    let mut mqtt = false;
     let mut args = args.into_iter();
     while let Some(arg) = args.next() {
         let mut value = |name: &str| args.next().ok_or_else(|| format!("{name} needs a value"));
         match arg.as_str() {
             "--config" | "-c" => config = Some(PathBuf::from(value("--config")?)),
             "--check-config" => check = true,
-            "--mqtt" => mqtt = true,
             "--version" | "-V" => version = true,
             "--help" | "-h" => help = true,
             "--set-reading" => {
@@ -106,11 +98,7 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, String>
     if watch.is_some() && (check || reading.is_some()) {
         return Err("--watch-input excludes --check-config and --set-reading".into());
     }
-    if mqtt && (check || reading.is_some() || watch.is_some()) {
-        return Err("--mqtt excludes --check-config, --set-reading and --watch-input".into());
-    }
     Ok(match (help, version, check, reading) {
-        (false, false, ..) if mqtt => Command::Mqtt { config },
         (true, ..) => Command::Help,
         (_, true, ..) => Command::Version,
         _ if watch.is_some() => Command::WatchInput {
@@ -123,6 +111,60 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, String>
             return Err("--check-config and --set-reading exclude each other".into());
         }
         (_, _, false, None) => Command::Run { config },
+    })
+}
+
+/// What the MQTT publisher's command line (`powermeter-mqtt`) asks for. The publisher is a
+/// binary of its own so that the counting daemon links no MQTT or TLS code.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PublisherCommand {
+    /// Run the publisher.
+    Run {
+        /// The configuration file (the daemon's; the publisher reads `[mqtt]` and `[http]`).
+        config: PathBuf,
+    },
+    /// Print the version.
+    Version,
+    /// Print the usage.
+    Help,
+}
+
+/// Usage text of `powermeter-mqtt`.
+pub const PUBLISHER_USAGE: &str = "\
+usage: powermeter-mqtt [--config FILE]   publish the daemon's reading to the MQTT broker of
+                                         [mqtt], with Home Assistant discovery; it reads the
+                                         daemon's local reading socket
+       powermeter-mqtt --version
+default config: /etc/powermeter/powermeter.toml";
+
+/// Parses the publisher's arguments after the program name.
+pub fn parse_publisher<I: IntoIterator<Item = String>>(
+    args: I,
+) -> Result<PublisherCommand, String> {
+    let mut config = None;
+    let mut version = false;
+    let mut help = false;
+    let mut args = args.into_iter();
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--config" | "-c" => {
+                let v = args.next().ok_or("--config needs a value")?;
+                config = Some(PathBuf::from(v));
+            }
+            "--version" | "-V" => version = true,
+            "--help" | "-h" => help = true,
+            s if s.starts_with("--config=") => config = Some(PathBuf::from(&s[9..])),
+            other => return Err(format!("unknown argument {other:?}")),
+        }
+    }
+    Ok(if help {
+        PublisherCommand::Help
+    } else if version {
+        PublisherCommand::Version
+    } else {
+        PublisherCommand::Run {
+            config: config.unwrap_or_else(|| PathBuf::from(DEFAULT_PATH)),
+        }
     })
 }
 
@@ -160,10 +202,6 @@ mod tests {
         );
         assert_eq!(p(&["--version"]), Ok(Command::Version));
         assert_eq!(
-            p(&["--mqtt", "-c", "m"]),
-            Ok(Command::Mqtt { config: "m".into() })
-        );
-        assert_eq!(
             p(&["--watch-input", "30", "-c", "x"]),
             Ok(Command::WatchInput {
                 config: "x".into(),
@@ -193,6 +231,36 @@ mod tests {
         assert!(p(&["--watch-input", "0"]).is_err());
         assert!(p(&["--watch-input", "x"]).is_err());
         assert!(p(&["--watch-input", "5", "--check-config"]).is_err());
-        assert!(p(&["--mqtt", "--check-config"]).is_err());
+        // the publisher is its own binary (powermeter-mqtt) since the daemon must not link it
+        assert!(p(&["--mqtt"]).unwrap_err().contains("unknown argument"));
+    }
+
+    #[test]
+    fn publisher_forms_and_errors() {
+        let p = |args: &[&str]| parse_publisher(args.iter().map(|s| s.to_string()));
+        assert_eq!(
+            p(&[]),
+            Ok(PublisherCommand::Run {
+                config: DEFAULT_PATH.into()
+            })
+        );
+        assert_eq!(
+            p(&["-c", "m"]),
+            Ok(PublisherCommand::Run { config: "m".into() })
+        );
+        assert_eq!(
+            p(&["--config=m.toml"]),
+            Ok(PublisherCommand::Run {
+                config: "m.toml".into()
+            })
+        );
+        assert_eq!(p(&["--version"]), Ok(PublisherCommand::Version));
+        assert_eq!(p(&["--help", "--version"]), Ok(PublisherCommand::Help));
+        assert!(p(&["--config"]).unwrap_err().contains("needs a value"));
+        assert!(
+            p(&["--check-config"])
+                .unwrap_err()
+                .contains("unknown argument")
+        );
     }
 }

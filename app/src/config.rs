@@ -34,7 +34,7 @@ pub struct Config {
     /// `[state]`: persistence of the counter.
     #[serde(default)]
     pub state: StateConfig,
-    /// `[mqtt]`: the MQTT publisher (`powermeterd --mqtt`), off unless `broker` is set.
+    /// `[mqtt]`: the MQTT publisher (`powermeter-mqtt`), off unless `broker` is set.
     #[serde(default)]
     pub mqtt: MqttConfig,
 }

@@ -1,6 +1,8 @@
 //! `powermeterd`: counts the pulses of an electricity meter's S0 or LED output and serves them.
 //!
-//! The crate is a library plus a thin binary (`main.rs`) so that the counting core, the
+//! The crate is a library plus two thin binaries, `powermeterd` (`main.rs`, the counting
+//! daemon) and `powermeter-mqtt` (`bin/powermeter-mqtt.rs`, the MQTT publisher, apart so that
+//! the daemon links no MQTT or TLS code), so that the counting core, the
 //! persistence and the protocol code can be tested and benchmarked without a process.
 //! `ARCHITECTURE.md` at the top of the repository maps the modules.
 
@@ -8,6 +10,7 @@ pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod daemon;
+pub mod exit;
 pub mod fuzz;
 pub mod http;
 pub mod input;

@@ -1,5 +1,6 @@
-//! `powermeterd`: the binary. Parses the command line, loads the configuration, takes the
-//! sockets systemd passed, and runs the daemon. Exit codes: 0 clean stop, 78 configuration
+//! `powermeterd`: the counting daemon's binary. Parses the command line, loads the
+//! configuration, takes the sockets systemd passed, and runs the daemon. (The MQTT publisher
+//! is the other binary, `bin/powermeter-mqtt.rs`.) Exit codes: 0 clean stop, 78 configuration
 //! error, 2 usage error, 1 any other fatal error (with its cause chain).
 
 use std::process::ExitCode;
@@ -7,19 +8,17 @@ use std::process::ExitCode;
 use powermeterd::cli::{self, Command};
 use powermeterd::config;
 use powermeterd::daemon::{self, FAULT_ENV, Fault, Options};
-use powermeterd::{logging, systemd, watch};
+use powermeterd::{exit, logging, systemd, watch};
 
-/// `EX_CONFIG` from sysexits.h.
-const EX_CONFIG: u8 = 78;
-/// Usage errors.
-const EX_USAGE: u8 = 2;
+/// The name in error messages.
+const PROGRAM: &str = "powermeterd";
 
 fn main() -> ExitCode {
     let command = match cli::parse(std::env::args().skip(1)) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("powermeterd: {e}\n{}", cli::USAGE);
-            return ExitCode::from(EX_USAGE);
+            return ExitCode::from(exit::EX_USAGE);
         }
     };
     match command {
@@ -63,40 +62,6 @@ fn main() -> ExitCode {
             }
         }
         Command::Run { config } => run(config),
-        Command::Mqtt { config } => run_mqtt(config),
-    }
-}
-
-/// The MQTT publisher. No broker configured: one log line and exit 0, so the unit (which
-/// ships disabled) never crash-loops when it is enabled without `[mqtt] broker`. A password
-/// file, CA file or machine id that cannot be used is a configuration error (78).
-fn run_mqtt(config_path: std::path::PathBuf) -> ExitCode {
-    let config = match config::load(&config_path) {
-        Ok(c) => c,
-        Err(e) => return config_error(&e),
-    };
-    logging::init();
-    let prepared = match powermeterd::mqtt::publisher::prepare(&config.mqtt) {
-        Ok(Some(p)) => p,
-        Ok(None) => {
-            tracing::info!(
-                config = %config_path.display(),
-                "MQTT is off: no [mqtt] broker in the configuration; the publisher exits"
-            );
-            return ExitCode::SUCCESS;
-        }
-        Err(e) => {
-            tracing::error!(error = format!("{e:#}"), "MQTT configuration unusable");
-            eprintln!(
-                "powermeterd: configuration error: {}: {e:#}",
-                config_path.display()
-            );
-            return ExitCode::from(EX_CONFIG);
-        }
-    };
-    match powermeterd::mqtt::publisher::run(prepared) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => fatal(&e),
     }
 }
 
@@ -134,15 +99,9 @@ fn run(config_path: std::path::PathBuf) -> ExitCode {
 }
 
 fn config_error(e: &config::ConfigError) -> ExitCode {
-    eprintln!("powermeterd: configuration error: {e}");
-    ExitCode::from(EX_CONFIG)
+    exit::config_error(PROGRAM, e)
 }
 
 fn fatal(e: &anyhow::Error) -> ExitCode {
-    tracing::error!(error = format!("{e:#}"), "fatal");
-    eprintln!("powermeterd: error: {e}");
-    for cause in e.chain().skip(1) {
-        eprintln!("  caused by: {cause}");
-    }
-    ExitCode::FAILURE
+    exit::fatal(PROGRAM, e)
 }

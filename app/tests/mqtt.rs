@@ -1,4 +1,4 @@
-//! The MQTT publisher (`powermeterd --mqtt`) against a real broker: Debian's `mosquitto`,
+//! The MQTT publisher (`powermeter-mqtt`) against a real broker: Debian's `mosquitto`,
 //! started here on free loopback ports. The daemon runs with a reading socket passed the way
 //! systemd passes it (`LISTEN_FDNAMES=reading`); the publisher reads it and publishes; a
 //! rumqttc client subscribes and checks what Home Assistant would see.
@@ -263,9 +263,8 @@ struct Publisher {
 
 impl Publisher {
     fn start(s: &Setup) -> Self {
-        let mut c = common::bin_command();
-        c.arg("--mqtt")
-            .arg("--config")
+        let mut c = common::publisher_command();
+        c.arg("--config")
             .arg(s.config())
             .env_remove("JOURNAL_STREAM")
             .env_remove("NOTIFY_SOCKET")
@@ -273,7 +272,7 @@ impl Publisher {
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
         Self {
-            child: c.spawn().expect("spawn powermeterd --mqtt"),
+            child: c.spawn().expect("spawn powermeter-mqtt"),
         }
     }
 
@@ -666,7 +665,7 @@ fn bad_credentials_or_untrusted_certificate_log_once_and_retry() {
 #[test]
 fn no_broker_configured_exits_0_with_one_line() {
     let s = Setup::new(WATTS, 0, 3600);
-    let (code, _, err) = common::run_to_end(&["--mqtt", "--config", s.config().to_str().unwrap()]);
+    let (code, _, err) = common::run_publisher_to_end(&["--config", s.config().to_str().unwrap()]);
     assert_eq!(code, 0, "{err}");
     assert!(err.contains("MQTT is off"), "{err}");
     assert_eq!(err.lines().count(), 1, "{err}");
@@ -679,7 +678,7 @@ fn unreadable_password_file_is_a_configuration_error() {
         &s,
         "broker = \"127.0.0.1\"\nusername = \"u\"\npassword_file = \"/nonexistent/mqtt-password\"\n",
     );
-    let (code, _, err) = common::run_to_end(&["--mqtt", "--config", s.config().to_str().unwrap()]);
+    let (code, _, err) = common::run_publisher_to_end(&["--config", s.config().to_str().unwrap()]);
     assert_eq!(code, 78, "{err}");
     assert!(err.contains("/nonexistent/mqtt-password"), "{err}");
 }

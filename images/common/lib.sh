@@ -22,7 +22,8 @@ image_mmdebstrap_opts=(
 )
 
 # image_install_app ROOT IMAGE_ID SYSTEM_CONF OVERLAY...: the overlays (in order, later ones
-# win), the daemon ($POWERMETERD_BIN) with its units, sysusers and udev files from app/, RAUC's
+# win), the daemon ($POWERMETERD_BIN) and the MQTT publisher ($POWERMETER_MQTT_BIN, by default
+# the powermeter-mqtt beside it: the same cargo build) with their units, sysusers and udev files from app/, RAUC's
 # SYSTEM_CONF with the handlers, hooks and mark-good unit of images/qemu/rauc/ (the same for
 # every Debian-built image), the keyring, os-release with IMAGE_ID and $version, the enabled and
 # masked units, per-device state on /data, a locked root. $image_default_config, when set, is
@@ -35,6 +36,7 @@ image_install_app() {
     install -D -m 0644 "$image_default_config" "$root/usr/share/powermeter/powermeter.toml"
   fi
   install -D -m 0755 "$POWERMETERD_BIN" "$root/usr/bin/powermeterd"
+  install -D -m 0755 "${POWERMETER_MQTT_BIN:-$(dirname "$POWERMETERD_BIN")/powermeter-mqtt}" "$root/usr/bin/powermeter-mqtt"
   for f in "$repo"/app/systemd/*.service "$repo"/app/systemd/*.socket; do
     install -m 0644 "$f" "$root/usr/lib/systemd/system/"
   done

@@ -1,4 +1,4 @@
-//! The MQTT publisher (`powermeterd --mqtt`): reads the daemon's figures from its local
+//! The MQTT publisher (`powermeter-mqtt`): reads the daemon's figures from its local
 //! read-only reading socket and publishes them, with Home Assistant discovery, to a broker.
 //!
 //! It runs as its own process and unit (`powermeter-mqtt.service`) so that the counting

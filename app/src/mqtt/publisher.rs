@@ -1,4 +1,4 @@
-//! The connection loop of `powermeterd --mqtt`: connect with a last will, announce the device
+//! The connection loop of `powermeter-mqtt`: connect with a last will, announce the device
 //! to Home Assistant, publish the daemon's reading every interval, reconnect with backoff.
 //!
 //! Bounded by construction: the request channel holds [`QUEUE`] messages and a message that

@@ -8,18 +8,29 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_powermeterd");
+/// The MQTT publisher's binary.
+pub const PUBLISHER_BIN: &str = env!("CARGO_BIN_EXE_powermeter-mqtt");
 
 /// A `Command` for the daemon binary, through `POWERMETERD_TEST_RUNNER` when set (e.g.
 /// `qemu-aarch64-static -L /usr/aarch64-linux-gnu` for a cross-built test run).
 pub fn bin_command() -> Command {
+    command_for(BIN)
+}
+
+/// A `Command` for the publisher binary, through `POWERMETERD_TEST_RUNNER` as above.
+pub fn publisher_command() -> Command {
+    command_for(PUBLISHER_BIN)
+}
+
+fn command_for(bin: &str) -> Command {
     match std::env::var("POWERMETERD_TEST_RUNNER") {
         Ok(r) if !r.trim().is_empty() => {
             let mut parts = r.split_whitespace();
             let mut c = Command::new(parts.next().unwrap_or_default());
-            c.args(parts).arg(BIN);
+            c.args(parts).arg(bin);
             c
         }
-        _ => Command::new(BIN),
+        _ => Command::new(bin),
     }
 }
 
@@ -227,9 +238,18 @@ pub fn http_request(port: u16, raw: &str) -> (u16, String) {
     (status, body)
 }
 
-/// Runs `powermeterd` with `args` to completion: (exit code, stderr).
+/// Runs `powermeterd` with `args` to completion: (exit code, stdout, stderr).
 pub fn run_to_end(args: &[&str]) -> (i32, String, String) {
-    let out = bin_command().args(args).output().unwrap();
+    output_of(bin_command().args(args))
+}
+
+/// Runs `powermeter-mqtt` with `args` to completion: (exit code, stdout, stderr).
+pub fn run_publisher_to_end(args: &[&str]) -> (i32, String, String) {
+    output_of(publisher_command().args(args))
+}
+
+fn output_of(c: &mut Command) -> (i32, String, String) {
+    let out = c.output().unwrap();
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into_owned(),

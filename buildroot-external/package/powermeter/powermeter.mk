@@ -42,9 +42,12 @@ POWERMETER_CARGO_BUILD_OPTS = \
 	--features "$(POWERMETER_FEATURES)"
 
 POWERMETER_PROFILE_DIR = $(if $(BR2_ENABLE_DEBUG),debug,release)
-POWERMETER_BIN = $(@D)/target/$(RUSTC_TARGET_NAME)/$(POWERMETER_PROFILE_DIR)/powermeterd
+POWERMETER_BIN_DIR = $(@D)/target/$(RUSTC_TARGET_NAME)/$(POWERMETER_PROFILE_DIR)
+# the counting daemon and the MQTT publisher (a binary of its own: the daemon
+# links no MQTT or TLS code)
+POWERMETER_BINS = powermeterd powermeter-mqtt
 
-# The binary carries its dependency list, as the Debian-built images' does
+# The binaries carry their dependency list, as the Debian-built images' do
 # (cargo auditable there): Buildroot has no cargo-auditable, so
 # images/sbom/embed-audit-data writes the same .dep-v0 section from cargo
 # metadata (ci/check-supply-chain compares the two byte for byte).
@@ -60,14 +63,15 @@ define POWERMETER_EMBED_AUDIT_DATA
 			--offline --locked \
 			--target $(RUSTC_TARGET_NAME) \
 			--manifest-path app/Cargo.toml \
-			$(POWERMETER_BIN)
+			$(addprefix $(POWERMETER_BIN_DIR)/,$(POWERMETER_BINS))
 endef
 POWERMETER_POST_BUILD_HOOKS += POWERMETER_EMBED_AUDIT_DATA
 
 # The workspace root is a virtual manifest (cargo install cannot use it), so
 # install what the build made, and the units every image installs.
 define POWERMETER_INSTALL_TARGET_CMDS
-	$(INSTALL) -D -m 0755 $(POWERMETER_BIN) $(TARGET_DIR)/usr/bin/powermeterd
+	$(INSTALL) -D -m 0755 $(POWERMETER_BIN_DIR)/powermeterd $(TARGET_DIR)/usr/bin/powermeterd
+	$(INSTALL) -D -m 0755 $(POWERMETER_BIN_DIR)/powermeter-mqtt $(TARGET_DIR)/usr/bin/powermeter-mqtt
 	$(INSTALL) -D -m 0644 $(@D)/$(call qstrip,$(BR2_PACKAGE_POWERMETER_DEFAULT_CONFIG)) \
 		$(TARGET_DIR)/usr/share/powermeter/powermeter.toml
 	mkdir -p $(TARGET_DIR)/etc/powermeter

@@ -28,18 +28,22 @@ def test_sbom(guest, tmp_path, record_property):
     assert beside.is_file(), f"no {beside}: images/qemu/build writes the SBOM next to the image"
     assert json.loads(text) == json.loads(beside.read_text()), f"{IN_IMAGE} in the guest is not {beside}"
 
-    # the binary the SBOM was made from is the one running in the guest
-    binary = qemu_build() / "root" / "usr" / "bin" / "powermeterd"
-    running = guest.sh("sha256sum /usr/bin/powermeterd").split()[0]
-    assert running == hashlib.sha256(binary.read_bytes()).hexdigest(), \
-        f"/usr/bin/powermeterd in the guest is not {binary}"
+    # the binaries the SBOM was made from are the ones in the guest: the daemon and the publisher
+    binaries = []
+    for name in ("powermeterd", "powermeter-mqtt"):
+        binary = qemu_build() / "root" / "usr" / "bin" / name
+        running = guest.sh(f"sha256sum /usr/bin/{name}").split()[0]
+        assert running == hashlib.sha256(binary.read_bytes()).hexdigest(), \
+            f"/usr/bin/{name} in the guest is not {binary}"
+        binaries += ["--binary", str(binary)]
     version = guest.sh("powermeterd --version").split()[-1]
+    assert guest.sh("powermeter-mqtt --version").split()[-1] == version
 
     sbom = tmp_path / "sbom.cdx.json"
     sbom.write_text(text)
     check = subprocess.run(
         [sys.executable, str(REPO / "images" / "sbom" / "check-sbom"), "--debian",
-         "--daemon-version", version, "--binary", str(binary), str(sbom)],
+         "--daemon-version", version, *binaries, str(sbom)],
         capture_output=True, text=True)
     assert check.returncode == 0, f"check-sbom: {check.stdout}{check.stderr}"
 

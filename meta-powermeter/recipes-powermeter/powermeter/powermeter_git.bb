@@ -62,14 +62,16 @@ SYSTEMD_SERVICE:${PN}-provision = "powermeter-provision.service"
 SYSTEMD_AUTO_ENABLE:${PN} = "enable"
 SYSTEMD_AUTO_ENABLE:${PN}-provision = "enable"
 
-# The binary carries its dependency list (ELF section .dep-v0) as cargo auditable writes it, so
+# The binaries (powermeterd, and powermeter-mqtt, the MQTT publisher; cargo_do_install installs
+# both) carry their dependency list (ELF section .dep-v0) as cargo auditable writes it, so
 # that cargo-audit, trivy, grype and syft read the crates from the file on the device. oe-core
 # has no cargo-auditable: images/sbom/embed-audit-data writes the same section from cargo
 # metadata with the target's objcopy (ci/check-supply-chain compares it with cargo auditable's).
 do_compile:append() {
     python3 ${S}/images/sbom/embed-audit-data --cargo "${CARGO}" --objcopy "${OBJCOPY}" \
         ${PACKAGECONFIG_CONFARGS} --frozen --target ${RUST_HOST_SYS} \
-        --manifest-path ${S}/app/Cargo.toml ${B}/target/${CARGO_TARGET_SUBDIR}/powermeterd
+        --manifest-path ${S}/app/Cargo.toml ${B}/target/${CARGO_TARGET_SUBDIR}/powermeterd \
+        ${B}/target/${CARGO_TARGET_SUBDIR}/powermeter-mqtt
 }
 
 do_install:append() {
