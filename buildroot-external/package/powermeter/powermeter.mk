@@ -13,8 +13,17 @@
 POWERMETER_VERSION = 0.1.0
 POWERMETER_SOURCE = powermeter-$(POWERMETER_VERSION)-vendored.tar.gz
 POWERMETER_SITE = https://example.invalid/powermeter/releases/download/v$(POWERMETER_VERSION)
-POWERMETER_LICENSE = MIT or Apache-2.0
+# The package's own license, then those of the crates compiled into the
+# binaries that MIT and Apache-2.0 do not cover (all in powermeter-mqtt), with
+# the crates' license files as cargo vendor places them in the tarball's VENDOR/
+# (images/sbom/crate-licenses lists them; ci/check-buildroot checks them). A
+# POWERMETER_OVERRIDE_SRCDIR tree gets VENDOR/ when it is built (below), so run
+# legal-info after the build there.
+POWERMETER_LICENSE = MIT or Apache-2.0, BSD-3-Clause (subtle), ISC (ring, rustls-webpki, untrusted)
 POWERMETER_LICENSE_FILES = LICENSE-MIT LICENSE-APACHE
+POWERMETER_LICENSE_FILES += VENDOR/ring/LICENSE VENDOR/ring/LICENSE-BoringSSL VENDOR/ring/LICENSE-other-bits
+POWERMETER_LICENSE_FILES += VENDOR/rustls-webpki/LICENSE VENDOR/rustls-webpki-0.102.8/LICENSE
+POWERMETER_LICENSE_FILES += VENDOR/subtle/LICENSE VENDOR/untrusted/LICENSE.txt
 
 # A local source (POWERMETER_OVERRIDE_SRCDIR, or a checkout without VENDOR/)
 # is never vendored by the download step: vendor its Cargo.lock here, into the

@@ -2,12 +2,24 @@ SUMMARY = "Electricity meter pulse counter daemon"
 DESCRIPTION = "powermeterd counts the pulses of an electricity meter on a GPIO line, keeps the counter across reboots, answers the old port 9001 protocol and serves Prometheus metrics and a health check over HTTP."
 HOMEPAGE = "https://example.invalid/powermeter"
 SECTION = "console/utils"
-LICENSE = "MIT | Apache-2.0"
+# The package's own license, and the licenses of the crates compiled into the binaries that
+# MIT and Apache-2.0 do not cover (all in powermeter-mqtt: ring, rustls-webpki and untrusted are
+# ISC, subtle BSD-3-Clause), with those crates' own license files; images/sbom/crate-licenses
+# lists them and ci/check-yocto checks both against Cargo.toml and Cargo.lock.
+LICENSE = "(MIT | Apache-2.0) & BSD-3-Clause & ISC"
 # The license texts of the repository (relative to S, the top of the checkout: externalsrc,
-# or the git fetcher's ${UNPACKDIR}/${BP}); ci/check-yocto checks the md5 sums.
+# or the git fetcher's ${UNPACKDIR}/${BP}) and of the crates (where the crate fetcher unpacks
+# them); ci/check-yocto checks the md5 sums.
 LIC_FILES_CHKSUM = "\
     file://LICENSE-MIT;md5=871ab1cf0f4f4dc1295faf6475679a6d \
     file://LICENSE-APACHE;md5=3b83ef96387f14655fc854ddc3c6bd57 \
+    file://${CARGO_VENDORING_DIRECTORY}/ring-0.17.14/LICENSE;md5=63da93c4c10a6b2ba3ffe61345c6c2d6 \
+    file://${CARGO_VENDORING_DIRECTORY}/ring-0.17.14/LICENSE-BoringSSL;md5=bfca80950e49496c340e3327990eb7e7 \
+    file://${CARGO_VENDORING_DIRECTORY}/ring-0.17.14/LICENSE-other-bits;md5=6c5d00879883ff640a11f53c7dd297fe \
+    file://${CARGO_VENDORING_DIRECTORY}/rustls-webpki-0.102.8/LICENSE;md5=7fab7d7301efd548d76974e42a65f267 \
+    file://${CARGO_VENDORING_DIRECTORY}/rustls-webpki-0.103.17/LICENSE;md5=7fab7d7301efd548d76974e42a65f267 \
+    file://${CARGO_VENDORING_DIRECTORY}/subtle-2.6.1/LICENSE;md5=cff47234d8cf608834b44ad9405e5493 \
+    file://${CARGO_VENDORING_DIRECTORY}/untrusted-0.9.0/LICENSE.txt;md5=79b08919d224b21c5a3de90b188adda4 \
 "
 
 PV = "0.1.0+git"
