@@ -163,12 +163,12 @@ def survey(repo: Path) -> dict:
 
 
 def yocto_license(s: dict) -> str:
-    """The recipe's LICENSE: "(MIT | Apache-2.0) & BSD-3-Clause & ISC"."""
+    """The recipe's LICENSE from a survey's own and extra: "(MIT | Apache-2.0) & BSD-3-Clause & ISC"."""
     own = s["own"].replace(" OR ", " | ").replace(" AND ", " & ")
-    return " & ".join([f"({own})" if s["extra"] else own] + list(s["extra"]))
+    return " & ".join([f"({own})" if s["extra"] else own] + sorted(s["extra"]))
 
 
 def buildroot_license(s: dict) -> str:
     """POWERMETER_LICENSE: "MIT or Apache-2.0, BSD-3-Clause (subtle), ISC (ring, ...)"."""
     own = s["own"].replace(" OR ", " or ").replace(" AND ", " and ")
-    return ", ".join([own] + [f"{lic} ({', '.join(crates)})" for lic, crates in s["extra"].items()])
+    return ", ".join([own] + [f"{lic} ({', '.join(crates)})" for lic, crates in sorted(s["extra"].items())])
