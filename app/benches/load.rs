@@ -17,38 +17,35 @@
 //! emulator's, figures to compare between targets under the same emulator, not a device's.
 
 use std::io::Read;
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use powermeterd::meter::{EnergyRegister, Meter, MeterSettings};
 
+// the integration tests' harness: free ports, socket passing, the broker's path
+#[path = "../tests/common/mod.rs"]
+mod common;
+use common::{free_port, mosquitto_bin, pass_fds};
+
 const BIN: &str = env!("CARGO_BIN_EXE_powermeterd");
 const PUBLISHER: &str = env!("CARGO_BIN_EXE_powermeter-mqtt");
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 struct Daemon {
     child: Child,
     port: u16,
     http: u16,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 impl Daemon {
     fn start(watts: f64, debounce_ms: u64) -> Self {
-        Self::start_with(watts, debounce_ms, "")
+        Self::start_with(watts, debounce_ms, None)
     }
 
-    /// `extra` is appended to the configuration. With a `reading.sock` in `dir` bound, the
-    /// daemon gets it as systemd passes it (fd 3, `LISTEN_FDNAMES=reading`).
-    fn start_with(watts: f64, debounce_ms: u64, extra: &str) -> Self {
+    /// With `broker` (a port on loopback), the configuration gets an `[mqtt]` table for it and
+    /// the daemon a reading socket, passed as systemd passes it (fd 3, `LISTEN_FDNAMES=reading`).
+    fn start_with(watts: f64, debounce_ms: u64, broker: Option<u16>) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let http = free_port();
@@ -61,13 +58,17 @@ impl Daemon {
                  [http]\nlisten = [\"127.0.0.1:{http}\"]\n[state]\ndir = \"{}\"\nsave_interval_s = 60\n\
                  {}",
                 dir.path().join("state").display(),
-                extra.replace("DIR", &dir.path().display().to_string())
+                broker.map_or(String::new(), |port| format!(
+                    "[mqtt]\nbroker = \"127.0.0.1\"\nport = {port}\ndevice_id = \"bench\"\n\
+                     publish_interval_s = 1\nreading_socket = \"{}\"\n",
+                    dir.path().join("reading.sock").display()
+                ))
             ),
         )
         .unwrap();
         let daemon = std::env::var("BENCH_DAEMON").unwrap_or_else(|_| BIN.into());
         let runner = std::env::var("BENCH_RUNNER").unwrap_or_default();
-        let reading = extra.contains("reading_socket").then(|| {
+        let reading = broker.map(|_| {
             std::os::unix::net::UnixListener::bind(dir.path().join("reading.sock")).unwrap()
         });
         let mut cmd = Command::new("sh");
@@ -83,24 +84,7 @@ impl Daemon {
             .stderr(Stdio::null());
         if let Some(listener) = &reading {
             use std::os::fd::AsRawFd;
-            use std::os::unix::process::CommandExt;
-            let fd = listener.as_raw_fd();
-            cmd.env("LISTEN_FDS", "1").env("LISTEN_FDNAMES", "reading");
-            // SAFETY: only async-signal-safe calls (dup2, fcntl) between fork and exec.
-            unsafe {
-                cmd.pre_exec(move || {
-                    let ok = if fd == 3 {
-                        libc::fcntl(3, libc::F_SETFD, 0) == 0
-                    } else {
-                        libc::dup2(fd, 3) == 3
-                    };
-                    if ok {
-                        Ok(())
-                    } else {
-                        Err(std::io::Error::last_os_error())
-                    }
-                });
-            }
+            pass_fds(&mut cmd, &[(listener.as_raw_fd(), "reading")]);
         }
         let child = cmd.spawn().unwrap();
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -114,7 +98,7 @@ impl Daemon {
             child,
             port,
             http,
-            _dir: dir,
+            dir,
         }
     }
 
@@ -161,16 +145,6 @@ fn cpu_s(pid: u32) -> f64 {
     ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
 }
 
-/// Debian's mosquitto, if installed.
-fn mosquitto() -> Option<std::path::PathBuf> {
-    std::iter::once(std::path::PathBuf::from("/usr/sbin"))
-        .chain(std::env::split_paths(
-            &std::env::var_os("PATH").unwrap_or_default(),
-        ))
-        .map(|d| d.join("mosquitto"))
-        .find(|p| p.is_file())
-}
-
 /// The publisher phase: a broker on loopback, the daemon with its reading socket, and
 /// `powermeter-mqtt` publishing every second. Prints the figures, or why it was skipped.
 fn publisher_phase(seconds: u64) {
@@ -178,7 +152,7 @@ fn publisher_phase(seconds: u64) {
         println!("MQTT publisher: skipped (BENCH_PUBLISHER_SECONDS=0)");
         return;
     }
-    let Some(broker_bin) = mosquitto() else {
+    let Some(broker_bin) = mosquitto_bin() else {
         println!("MQTT publisher: skipped (no mosquitto; ci/setup installs it)");
         return;
     };
@@ -211,15 +185,8 @@ fn publisher_phase(seconds: u64) {
         assert!(Instant::now() < deadline, "mosquitto did not start");
         std::thread::sleep(Duration::from_millis(20));
     }
-    let d = Daemon::start_with(
-        1500.0,
-        20,
-        &format!(
-            "[mqtt]\nbroker = \"127.0.0.1\"\nport = {broker_port}\ndevice_id = \"bench\"\n\
-             publish_interval_s = 1\nreading_socket = \"DIR/reading.sock\"\n"
-        ),
-    );
-    let config = d._dir.path().join("c.toml");
+    let d = Daemon::start_with(1500.0, 20, Some(broker_port));
+    let config = d.dir.path().join("c.toml");
     let mut publisher =
         Command::new(std::env::var("BENCH_PUBLISHER").unwrap_or_else(|_| PUBLISHER.into()))
             .arg("--config")

@@ -11,27 +11,14 @@ mod common;
 use std::io::Read;
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixListener;
-use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{BIN, Daemon, Setup, free_port};
+use common::{BIN, Daemon, Setup, free_port, mosquitto_bin};
 use rumqttc::{Client, Event, MqttOptions, Packet, QoS};
 use serde_json::Value;
-
-/// Where Debian puts the broker (`/usr/sbin` is not always on a test's PATH).
-fn mosquitto_bin() -> Option<PathBuf> {
-    let fixed = PathBuf::from("/usr/sbin/mosquitto");
-    if fixed.exists() {
-        return Some(fixed);
-    }
-    std::env::var_os("PATH").and_then(|p| {
-        std::env::split_paths(&p)
-            .map(|d| d.join("mosquitto"))
-            .find(|f| f.exists())
-    })
-}
 
 /// The broker, or `None` with the reason printed (the test then passes as skipped).
 fn need_mosquitto(test: &str) -> Option<PathBuf> {
@@ -214,32 +201,17 @@ fn start_daemon(s: &Setup) -> Daemon {
     let sock = s.dir.path().join("reading.sock");
     let _ = std::fs::remove_file(&sock);
     let listener = UnixListener::bind(&sock).unwrap();
-    let fd = listener.as_raw_fd();
     let mut cmd = Command::new("sh");
     cmd.arg("-c")
         .arg("LISTEN_PID=$$ exec ${POWERMETERD_TEST_RUNNER:-} \"$0\" --config \"$1\"")
         .arg(BIN)
         .arg(s.config())
-        .env("LISTEN_FDS", "1")
-        .env("LISTEN_FDNAMES", "reading")
         .env_remove("NOTIFY_SOCKET")
         .env_remove("WATCHDOG_USEC")
         .env_remove("JOURNAL_STREAM")
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
-    // SAFETY: only async-signal-safe calls (dup2, fcntl) between fork and exec.
-    unsafe {
-        cmd.pre_exec(move || {
-            if fd == 3 {
-                if libc::fcntl(3, libc::F_SETFD, 0) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-            } else if libc::dup2(fd, 3) != 3 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    common::pass_fds(&mut cmd, &[(listener.as_raw_fd(), "reading")]);
     let d = s.start_with(cmd);
     drop(listener);
     d

@@ -5,7 +5,6 @@ mod common;
 use std::net::TcpListener;
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixDatagram;
-use std::os::unix::process::CommandExt;
 use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -163,30 +162,18 @@ fn socket_activation_uses_passed_sockets_instead_of_binding() {
         legacy.local_addr().unwrap().port(),
         http.local_addr().unwrap().port(),
     );
-    let (lfd, hfd) = (legacy.as_raw_fd(), http.as_raw_fd());
     let mut cmd = Command::new("sh");
     cmd.arg("-c")
         .arg("LISTEN_PID=$$ exec ${POWERMETERD_TEST_RUNNER:-} \"$0\" --config \"$1\"")
         .arg(BIN)
         .arg(s.config())
-        .env("LISTEN_FDS", "2")
-        .env("LISTEN_FDNAMES", "http:legacy")
         .env_remove("NOTIFY_SOCKET")
         .stderr(std::process::Stdio::piped());
-    // SAFETY: only dup2/fcntl (async-signal-safe) between fork and exec.
-    unsafe {
-        cmd.pre_exec(move || {
-            // fd 3 = http, fd 4 = legacy (names in LISTEN_FDNAMES order).
-            let tmp_h = libc::dup(hfd);
-            let tmp_l = libc::dup(lfd);
-            if libc::dup2(tmp_h, 3) < 0 || libc::dup2(tmp_l, 4) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            libc::fcntl(3, libc::F_SETFD, 0);
-            libc::fcntl(4, libc::F_SETFD, 0);
-            Ok(())
-        });
-    }
+    // fd 3 = http, fd 4 = legacy (names in LISTEN_FDNAMES order)
+    pass_fds(
+        &mut cmd,
+        &[(http.as_raw_fd(), "http"), (legacy.as_raw_fd(), "legacy")],
+    );
     expect_passed_sockets_used(&s, cmd, lp, hp);
 }
 

@@ -34,6 +34,51 @@ fn command_for(bin: &str) -> Command {
     }
 }
 
+/// Hands `fds` to the child as systemd passes sockets: they become fds 3, 4, ... in order,
+/// inheritable, with `LISTEN_FDS` and `LISTEN_FDNAMES` (the names) set. `LISTEN_PID` must be the
+/// daemon's own pid, so `cmd` is the caller's `sh -c '... LISTEN_PID=$$ exec ...'` wrapper.
+pub fn pass_fds(cmd: &mut Command, fds: &[(std::os::fd::RawFd, &str)]) {
+    use std::os::unix::process::CommandExt;
+    let names: Vec<&str> = fds.iter().map(|(_, n)| *n).collect();
+    let fds: Vec<std::os::fd::RawFd> = fds.iter().map(|(fd, _)| *fd).collect();
+    assert!(fds.len() <= 8, "pass_fds: at most 8 descriptors");
+    cmd.env("LISTEN_FDS", fds.len().to_string())
+        .env("LISTEN_FDNAMES", names.join(":"));
+    // SAFETY: only fcntl and dup2 (async-signal-safe) between fork and exec, and no allocation.
+    unsafe {
+        cmd.pre_exec(move || {
+            // first out of the way (above any target), then into place: a source may be 3 or 4
+            let mut moved = [0; 8];
+            for (i, fd) in fds.iter().enumerate() {
+                moved[i] = libc::fcntl(*fd, libc::F_DUPFD_CLOEXEC, 16);
+                if moved[i] < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            for (i, fd) in moved.iter().take(fds.len()).enumerate() {
+                // dup2 leaves the new descriptor inheritable
+                if libc::dup2(*fd, 3 + i as i32) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Where Debian puts the MQTT broker `mosquitto` (`/usr/sbin` is not always on a test's PATH).
+pub fn mosquitto_bin() -> Option<PathBuf> {
+    let fixed = PathBuf::from("/usr/sbin/mosquitto");
+    if fixed.exists() {
+        return Some(fixed);
+    }
+    std::env::var_os("PATH").and_then(|p| {
+        std::env::split_paths(&p)
+            .map(|d| d.join("mosquitto"))
+            .find(|f| f.exists())
+    })
+}
+
 /// A free TCP port on loopback (bound and released; good enough for tests).
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
